@@ -1,0 +1,160 @@
+"""Fine-tune Dimple on image-text chat data, one stage at a time (autoregressive, then diffusion; reference §6).
+
+Data: a `.json` list or a `.jsonl` file of samples
+
+    {"messages": [{"role": "user", "content": "<image>\\nWhat is in the picture?"},
+                  {"role": "assistant", "content": "A red square."}],
+     "images": ["shapes/0001.png"]}
+
+(LLaVA's `{"conversations": [{"from": "human"|"gpt", "value": ...}], "image": ...}` works too). Image paths are
+relative to `--image_folder`. Each `<image>` marker takes the next image.
+
+Stages (each starts from the previous stage's output):
+
+    python examples/finetune.py --model PATH --data align.jsonl --image_folder images \\
+        --stage align --output_dir out/align
+    python examples/finetune.py --model out/align --data sft.jsonl --image_folder images \\
+        --stage ar --output_dir out/ar
+    python examples/finetune.py --model out/ar --data sft.jsonl --image_folder images \\
+        --stage diffusion --mask_strategy dual --output_dir out/diffusion
+
+`align` trains the projector, `ar` the LM + lm_head + projector (both causal, next-token loss), `diffusion` the
+LM + lm_head with bidirectional attention and the masked-token loss; the vision tower stays frozen. The learning
+rate and max grad norm default to the stage's values (1e-3 / 2e-5 / 5e-6 and 1.0 / 1.0 / 0.01). `--lora` trains
+LoRA adapters on the decoder's attention and MLP projections instead of full weights; the merged model is saved.
+The output folder reloads with `AutoModel.from_pretrained(out, trust_remote_code=True)` and
+`AutoProcessor.from_pretrained(out, trust_remote_code=True)`.
+
+Multi-GPU runs go through the Hugging Face Trainer and accelerate:
+
+    # DDP (4 GPUs)
+    accelerate launch --num_processes 4 examples/finetune.py ... --bf16
+    # DeepSpeed ZeRO-1 as upstream (ZeRO-2: examples/configs/zero2.json); also works with `deepspeed` / `torchrun`
+    accelerate launch --num_processes 4 examples/finetune.py ... --bf16 --deepspeed examples/configs/zero1.json
+    # FSDP2 (edit num_processes in the YAML)
+    accelerate launch --config_file examples/configs/fsdp.yaml examples/finetune.py ... --bf16
+
+The upstream global batch of 128 on 4 GPUs is `--per_device_train_batch_size 1 --gradient_accumulation_steps 32`
+for the diffusion stage (dual masking doubles the per-device batch). The loss is averaged over every scored token
+of the accumulation window and all processes, whatever the micro-batching (see `training_dimple`).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training_dimple import (  # noqa: E402
+    ANSWER_PADDINGS,
+    MASK_STRATEGIES,
+    STAGES,
+    build_trainer,
+    lora_config,
+    save_final_model,
+    stage_training_arguments,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", required=True, help="Dimple checkpoint folder or Hub id (remote code).")
+    parser.add_argument("--processor", help="Processor folder or Hub id (default: --model).")
+    parser.add_argument("--data", required=True, help="Training samples, .json (a list) or .jsonl.")
+    parser.add_argument("--image_folder", help="Folder that relative image paths start from.")
+    parser.add_argument("--stage", required=True, choices=list(STAGES))
+    parser.add_argument("--output_dir", required=True)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--mask_strategy", default="single", choices=MASK_STRATEGIES, help="Diffusion stage only.")
+    data.add_argument("--answer_padding", default="dynamic", choices=ANSWER_PADDINGS)
+    data.add_argument("--fixed_answer_length", type=int, default=64, help="Answer length for --answer_padding fixed.")
+    data.add_argument("--max_length", type=int, default=1024, help="Truncate sequences to this many tokens.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    optim = parser.add_argument_group("optimisation (defaults: the stage's values)")
+    optim.add_argument("--learning_rate", type=float)
+    optim.add_argument("--max_grad_norm", type=float)
+    optim.add_argument("--warmup_steps", type=float, default=0.03, help="Steps, or a fraction of all steps if < 1.")
+    optim.add_argument("--per_device_train_batch_size", type=int, default=1)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=float, default=1.0)
+    optim.add_argument("--max_steps", type=int, default=-1, help="Overrides --num_train_epochs when > 0.")
+    optim.add_argument("--seed", type=int, default=0)
+
+    hardware = parser.add_argument_group("precision, memory and parallelism")
+    hardware.add_argument("--dtype", default="float32", choices=list(DTYPES), help="Dtype the weights load in.")
+    hardware.add_argument("--bf16", action="store_true", help="bf16 mixed precision.")
+    hardware.add_argument("--gradient_checkpointing", action="store_true")
+    hardware.add_argument("--deepspeed", help="DeepSpeed JSON config (examples/configs/zero1.json or zero2.json).")
+
+    lora = parser.add_argument_group("LoRA (PEFT)")
+    lora.add_argument("--lora", action="store_true", help="Train LoRA adapters on the decoder instead of all weights.")
+    lora.add_argument("--lora_r", type=int, default=16)
+    lora.add_argument("--lora_alpha", type=int, default=32)
+    lora.add_argument("--lora_dropout", type=float, default=0.05)
+
+    run = parser.add_argument_group("checkpoints and logging")
+    run.add_argument("--save_steps", type=int, default=500)
+    run.add_argument("--save_total_limit", type=int)
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--report_to", default="none", help="'none', 'tensorboard', 'wandb', ...")
+    run.add_argument("--resume_from_checkpoint", help="A checkpoint folder of this run to continue from.")
+    return parser.parse_args(argv)
+
+
+def training_overrides(args: argparse.Namespace) -> dict:
+    """TrainingArguments values from the command line; unset optimisation values keep the stage defaults."""
+    overrides = dict(
+        warmup_steps=args.warmup_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,
+        deepspeed=args.deepspeed,
+        dataloader_num_workers=args.dataloader_num_workers,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps,
+        report_to=args.report_to,
+    )
+    for name in ("learning_rate", "max_grad_norm"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return overrides
+
+
+def main(argv=None):
+    """Run one stage; returns the trainer (its model is the trained one)."""
+    args = parse_args(argv)
+    lora = lora_config(args.stage, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
+    processor = AutoProcessor.from_pretrained(args.processor or args.model, trust_remote_code=True)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
+    trainer = build_trainer(
+        model,
+        processor,
+        args.data,
+        args.stage,
+        stage_training_arguments(args.stage, args.output_dir, **training_overrides(args)),
+        lora=lora,
+        image_folder=args.image_folder,
+        mask_strategy=args.mask_strategy,
+        answer_padding=args.answer_padding,
+        fixed_answer_length=args.fixed_answer_length,
+        max_length=args.max_length,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    save_final_model(trainer, args.output_dir)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
