@@ -47,6 +47,7 @@ DIFFUSION_SETTINGS = (
     "top_k",
     "use_cache",
     "cache_refresh_interval",
+    "cuda_graph",
     "num_return_sequences",
     "output_history",
     "return_dict_in_generate",
@@ -60,6 +61,7 @@ DIFFUSION_ONLY_SETTINGS = (
     "use_original_confidence",
     "decoding_pipeline",
     "cache_refresh_interval",
+    "cuda_graph",
     "output_history",
     "response_template",
     "generation_tokens_hook_func",
@@ -107,6 +109,9 @@ class DimpleGenerationConfig(GenerationConfig):
             once at step 0 and reused; later steps run only the answer plus the last prompt token.
         cache_refresh_interval (`int`, defaults to 0): with `use_cache`, recompute the whole sequence (and the cached
             prompt) every k steps, so the prompt sees the current answer; 0 never refreshes (the released behaviour).
+        cuda_graph (`bool`, defaults to `False`): with `use_cache` on a CUDA device, capture the cached step once as
+            a CUDA graph and replay it for every later step (all cached steps have the same shapes). Same tokens as
+            the eager path; removes the per-step launch overhead that dominates small batches.
         num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
             random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
         output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each
@@ -126,6 +131,7 @@ class DimpleGenerationConfig(GenerationConfig):
         self.use_original_confidence = kwargs.pop("use_original_confidence", True)
         self.decoding_pipeline = kwargs.pop("decoding_pipeline", "dim")
         self.cache_refresh_interval = kwargs.pop("cache_refresh_interval", 0)
+        self.cuda_graph = kwargs.pop("cuda_graph", False)
         self.output_history = kwargs.pop("output_history", False)
         self.mask_token_id = kwargs.pop("mask_token_id", None)
         for name, value in (
@@ -209,6 +215,8 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("top_k", "a non-negative integer (0 or None disables it)")
         if not is_int(self.cache_refresh_interval) or self.cache_refresh_interval < 0:
             fail("cache_refresh_interval", "an integer >= 0 (0 never refreshes)")
+        if self.cuda_graph and not self.use_cache:
+            raise ValueError("`cuda_graph=True` replays the cached step: it needs `use_cache=True`.")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             fail("num_return_sequences", "an integer >= 1")
         if self.num_return_sequences > 1 and not self.is_random:
@@ -573,6 +581,66 @@ def check_hook_output(name: str, value, expected: torch.Tensor):
     return value.to(expected.device)
 
 
+class PrefixCache(DynamicCache):
+    """The cached prompt prefix, read-only: each cached step attends to [prefix | its own fresh keys/values].
+
+    Nothing is appended (so nothing needs cropping after a step), and every cached step sees tensors of the same
+    shapes at the same addresses, which is what a CUDA graph replay needs.
+    """
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+class CachedAnswerStep:
+    """A cached denoising step: the last prompt token and the N answer slots against the cached prompt prefix.
+
+    All such steps of one call have identical shapes (N + 1 queries, P - 1 cached keys), so with `cuda_graph=True`
+    the step is captured once as a CUDA graph and then replayed: one launch per step instead of the hundreds of
+    kernel launches (and Python overhead) of an eager forward, which dominate a small-batch step on a GPU.
+    """
+
+    def __init__(self, model, batch: DiffusionBatch, cache: DynamicCache, cuda_graph: bool = False):
+        self.model, self.batch = model, batch
+        self.start = batch.prompt_length - 1
+        self.prefix = PrefixCache(
+            ddp_cache_data=[(k[:, :, : self.start].clone(), v[:, :, : self.start].clone()) for k, v, *_ in cache]
+        )
+        self.cuda_graph = cuda_graph
+        self.graph = None
+
+    def refill(self, cache: DynamicCache):
+        """New prefix keys/values (a cache refresh), written in place so a captured graph stays valid."""
+        for layer, (keys, values, *_) in zip(self.prefix.layers, cache):
+            layer.keys.copy_(keys[:, :, : self.start])
+            layer.values.copy_(values[:, :, : self.start])
+
+    def forward(self, answer: torch.LongTensor) -> torch.Tensor:
+        return self.model._score_answer(self.batch, answer, self.start, self.prefix)
+
+    def __call__(self, answer: torch.LongTensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self.forward(answer)
+        if self.graph is None:
+            self._capture(answer)
+        self.static_answer.copy_(answer)
+        self.graph.replay()
+        return self.static_logits.clone()
+
+    def _capture(self, answer: torch.LongTensor):
+        self.static_answer = answer.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: kernels pick their workspaces here
+            for _ in range(2):
+                self.forward(self.static_answer)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.forward(self.static_answer)
+
+
 # ------------------------------------------------------------------------------------------------------- mixin
 
 
@@ -643,6 +711,8 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config, visual = self._diffusion_settings(generation_config, kwargs)
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"`cuda_graph=True` needs the model on a CUDA device; it is on {self.device}.")
         batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
@@ -652,13 +722,13 @@ class DimpleGenerationMixin(GenerationMixin):
         select = SELECTIONS[config.decoding_pipeline]
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
-        cache = None
+        cached_step = None
         for step in range(config.steps):
             masked = batch.answer == config.mask_token_id
             active = masked.any(1)
             if not active.any():
                 break
-            logits, cache = self._answer_logits(batch, cache, step, config)
+            logits, cached_step = self._answer_logits(batch, cached_step, step, config)
             if generation_logits_hook_func is not None:
                 logits = check_hook_output(
                     "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
@@ -812,24 +882,32 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError("`generation_tokens_hook_func` changed the prompt; it may only edit the answer slots.")
         return x.long()
 
-    def _answer_logits(self, batch: DiffusionBatch, cache, step: int, config):
+    def _answer_logits(self, batch: DiffusionBatch, cached_step, step: int, config):
         """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1).
 
         Without the cache every step runs the whole sequence. With it (spec 5.8), a full step runs the whole
         sequence and keeps the keys/values of the prompt minus its last token; other steps run only the last prompt
-        token plus the N answer slots against that prefix. Full steps are step 0 and, with `cache_refresh_interval`
-        k > 0, every k-th step.
+        token plus the N answer slots against that prefix ([`CachedAnswerStep`]). Full steps are step 0 and, with
+        `cache_refresh_interval` k > 0, every k-th step.
         """
-        prompt_length, total = batch.prompt_length, batch.x.shape[1]
         refresh = config.cache_refresh_interval
-        full = not config.use_cache or step == 0 or (refresh > 0 and step % refresh == 0)
-        if config.use_cache and full:
-            cache = DynamicCache(config=self.config)
-        start = 0 if full else prompt_length - 1
-        answer = self.get_input_embeddings()(batch.answer)
-        embeds = torch.cat([batch.prompt_embeds[:, start:], answer], dim=1)
+        if config.use_cache and step > 0 and not (refresh > 0 and step % refresh == 0):
+            return cached_step(batch.answer), cached_step
+        cache = DynamicCache(config=self.config) if config.use_cache else None
+        logits = self._score_answer(batch, batch.answer, start=0, cache=cache)
+        if cache is None:
+            return logits, None
+        if cached_step is None:
+            return logits, CachedAnswerStep(self, batch, cache, config.cuda_graph)
+        cached_step.refill(cache)
+        return logits, cached_step
+
+    def _score_answer(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
+        """Run tokens `start:` (prompt part from the precomputed embeddings) and score the N answer slots only."""
+        prompt_length, total = batch.prompt_length, batch.x.shape[1]
+        embeds = torch.cat([batch.prompt_embeds[:, start:], self.get_input_embeddings()(answer)], dim=1)
         device = embeds.device
-        logits = self(
+        return self(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids[:, :, start:],
@@ -839,9 +917,6 @@ class DimpleGenerationMixin(GenerationMixin):
             logits_to_keep=torch.arange(prompt_length - 1 - start, total - 1 - start, device=device),
             return_dict=True,
         ).logits
-        if cache is not None:
-            cache.crop((prompt_length - 1) - cache.get_seq_length())  # drop the fresh K/V of the re-run tokens
-        return logits, cache
 
     # ------------------------------------------------------------------------- autoregressive `generate`
     # The stock loop works once positions follow Dimple's multimodal RoPE: the first forward computes them from the

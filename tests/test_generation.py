@@ -369,6 +369,56 @@ def test_prefix_cache_follows_spec_5_8():
     torch.testing.assert_close(seen[3], fresh)
 
 
+def test_lm_head_only_scores_answer_slots():
+    """Answer-only logits: the LM head sees N rows per sample, never the whole [B, S] sequence."""
+    model = confident_model()
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: rows_seen.append(tuple(args[0].shape[:2])))
+    prompt = list(range(3, 40))
+    for use_cache in (False, True):
+        rows_seen.clear()
+        model.diffusion_generate(torch.tensor([prompt, prompt]), max_new_tokens=4, steps=4, use_cache=use_cache)
+        assert rows_seen and set(rows_seen) == {(2, 4)}
+
+
+def test_cached_steps_never_grow_the_prefix():
+    model = confident_model()
+    prefixes = []
+    original = model._score_answer
+
+    def spy(batch, answer, start, cache):
+        prefixes.append(None if cache is None else cache.get_seq_length())
+        return original(batch, answer, start, cache)
+
+    model._score_answer = spy
+    model.diffusion_generate(torch.tensor([PROMPT]), max_new_tokens=5, steps=5, alg="maskgit_plus", use_cache=True)
+    assert prefixes[0] == 0 and prefixes[1:] == [len(PROMPT) - 1] * (len(prefixes) - 1)
+
+
+def test_cuda_graph_needs_a_cuda_device_and_the_cache(tiny_model):
+    with pytest.raises(ValueError, match="use_cache"):
+        run(tiny_model, max_new_tokens=4, steps=4, cuda_graph=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            run(tiny_model, max_new_tokens=4, steps=4, cuda_graph=True, use_cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("refresh", [0, 3])
+def test_cuda_graph_step_gives_the_eager_tokens(refresh):
+    model = confident_model().cuda()
+    rows, images = mixed_prompts(model.config)
+    ids, mask = left_pad(rows, PAD)
+    settings = dict(
+        attention_mask=mask.cuda(), max_new_tokens=8, steps=8, alg="maskgit_plus", alg_p_threshold=0.6,
+        use_cache=True, cache_refresh_interval=refresh,
+        **{k: v.cuda() for k, v in visual_kwargs(images).items()},
+    )  # fmt: skip
+    eager = model.diffusion_generate(ids.cuda(), **settings)
+    graphed = model.diffusion_generate(ids.cuda(), cuda_graph=True, **settings)
+    assert torch.equal(eager, graphed)
+
+
 def test_video_prompt_decodes_with_and_without_cache():
     model = confident_model()
     config = model.config
