@@ -913,7 +913,6 @@ class DimpleGenerationMixin(GenerationMixin):
             position_ids=batch.position_ids[:, :, start:],
             past_key_values=cache,
             use_cache=cache is not None,
-            cache_position=torch.arange(start, total, device=device),
             logits_to_keep=torch.arange(prompt_length - 1 - start, total - 1 - start, device=device),
             return_dict=True,
         ).logits

@@ -287,7 +287,6 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         rope_deltas: torch.LongTensor | None = None,
-        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
@@ -298,8 +297,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         Args:
             input_ids (`[B, S]`): token ids; `<|image_pad|>` / `<|video_pad|>` slots receive the vision features.
             attention_mask (`[B, past + S]` of 0/1, or a 4-D mask used as given): defaults to all ones.
-            position_ids (`[3, B, S]`): M-RoPE positions; computed with `get_rope_index` when omitted (or from
-                `cache_position + rope_deltas` when a non-empty cache is given).
+            position_ids (`[3, B, S]`): M-RoPE positions; computed with `get_rope_index` when omitted (or, when a
+                non-empty cache is given, as sequence index + `rope_deltas`; the current tokens follow the cached ones).
             pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
             image_features / video_features: precomputed `get_image_features` / `get_video_features` outputs, which
                 skip the vision tower (diffusion decoding encodes images once and reuses them every step).
@@ -334,13 +333,13 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                     inputs_embeds, input_ids, self.config.video_token_id, video_features, "video"
                 )
 
-        if cache_position is None:
-            cache_position = torch.arange(past_length, past_length + length, device=device)
+        # Absolute indices of the current tokens: they follow the cached ones.
+        query_positions = torch.arange(past_length, past_length + length, device=device)
         if position_ids is None:
             position_ids, rope_deltas = self._default_positions(
-                input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, cache_position, batch
+                input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
             )
-        mask = self._decoder_mask(attention_mask, batch, past_length, cache_position, inputs_embeds.dtype, device)
+        mask = self._decoder_mask(attention_mask, batch, past_length, query_positions, inputs_embeds.dtype, device)
 
         decoder_out = self.model(
             inputs_embeds=inputs_embeds,
@@ -374,9 +373,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         return output if return_dict is not False else output.to_tuple()
 
     def _default_positions(
-        self, input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, cache_position, batch
+        self, input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
     ):
-        if cache_position[0] == 0:
+        if query_positions[0] == 0:
             if input_ids is None:
                 raise ValueError("Pass `position_ids` when calling the model with `inputs_embeds`.")
             mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
@@ -386,7 +385,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 "With a non-empty cache, pass `rope_deltas` (returned by the first forward) or `position_ids`: "
                 "positions after an image depend on the image grid, which the cache does not record."
             )
-        positions = cache_position[None, :] + rope_deltas.to(cache_position.device)
+        positions = query_positions[None, :] + rope_deltas.to(query_positions.device)
         return positions[None].expand(3, batch, -1), rope_deltas
 
     @staticmethod

@@ -225,7 +225,7 @@ def test_precomputed_image_features_equal_pixel_path(tiny_model):
     torch.testing.assert_close(direct, reused)
 
 
-def test_logits_to_keep_and_cache_positions(tiny_model):
+def test_logits_to_keep(tiny_model):
     ids = text_ids(4, 10)
     with torch.no_grad():
         full = tiny_model(input_ids=ids)
