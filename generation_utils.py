@@ -31,27 +31,7 @@ RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
 PIPELINES = ("dim", "dream")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
-# Settings read by `diffusion_generate`; a keyword argument with one of these names is a setting, not a model input.
-DIFFUSION_SETTINGS = (
-    "max_new_tokens",
-    "max_length",
-    "steps",
-    "eps",
-    "alg",
-    "alg_temp",
-    "alg_p_threshold",
-    "use_original_confidence",
-    "decoding_pipeline",
-    "temperature",
-    "top_p",
-    "top_k",
-    "use_cache",
-    "cache_refresh_interval",
-    "cuda_graph",
-    "num_return_sequences",
-    "output_history",
-    "return_dict_in_generate",
-) + SPECIAL_IDS
+# Settings only `diffusion_generate` understands (the stock `generate` rejects them).
 DIFFUSION_ONLY_SETTINGS = (
     "steps",
     "eps",
@@ -63,6 +43,15 @@ DIFFUSION_ONLY_SETTINGS = (
     "cache_refresh_interval",
     "cuda_graph",
     "output_history",
+)
+# Settings read by `diffusion_generate`; a keyword argument with one of these names is a setting, not a model input.
+DIFFUSION_SETTINGS = (
+    DIFFUSION_ONLY_SETTINGS
+    + ("max_new_tokens", "max_length", "temperature", "top_p", "top_k", "use_cache")
+    + ("num_return_sequences", "return_dict_in_generate")
+    + SPECIAL_IDS
+)
+DIFFUSION_ONLY_ARGUMENTS = DIFFUSION_ONLY_SETTINGS + (
     "response_template",
     "generation_tokens_hook_func",
     "generation_logits_hook_func",
@@ -932,7 +921,7 @@ class DimpleGenerationMixin(GenerationMixin):
         sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
         later tokens existed, so the two can differ after the first new token. With causal attention they agree.
         """
-        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_SETTINGS))
+        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
         if misplaced:
             raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
         return super().generate(inputs, generation_config, **kwargs)
