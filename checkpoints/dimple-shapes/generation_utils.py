@@ -1,0 +1,979 @@
+"""Generation for Dimple: `diffusion_generate` (masked-diffusion decoding) and a working autoregressive `generate`.
+
+`diffusion_generate` appends N `<|mask|>` slots to the prompt and fills them over several forward passes. Each pass
+scores every answer slot; a *pipeline* decides which masked slots are committed:
+
+- `dim` (Dimple's confident decoding): with a threshold `alg_p_threshold` = gamma, commit every masked slot whose
+  confidence is above gamma; when none is, commit k slots from a time schedule re-anchored to the share of masks
+  still left; the last allowed step commits everything; decoding stops as soon as no mask is left.
+- `dream` (Dream v0's sampler): a fixed schedule, k = int(M * (1 - s/t)) slots per step (M masks left, t > s two
+  consecutive points of `linspace(1, eps, steps + 1)`), everything at the last step.
+
+`alg` says how slots are ranked: `origin` (random), `origin-ratio` (each slot with the schedule's probability, dim
+only), `autoregressive` (leftmost first), `maskgit_plus` (token probability), `topk_margin` (top-1 minus top-2
+probability) or `entropy` (negative entropy). All the rules follow the reference description of the released model
+(spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin
+from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import ModelOutput
+
+ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")  # rank slots by a confidence score
+RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
+PIPELINES = ("dim", "dream")
+VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
+# Settings only `diffusion_generate` understands (the stock `generate` rejects them).
+DIFFUSION_ONLY_SETTINGS = (
+    "steps",
+    "eps",
+    "alg",
+    "alg_temp",
+    "alg_p_threshold",
+    "use_original_confidence",
+    "decoding_pipeline",
+    "cache_refresh_interval",
+    "cuda_graph",
+    "output_history",
+)
+# Settings read by `diffusion_generate`; a keyword argument with one of these names is a setting, not a model input.
+DIFFUSION_SETTINGS = (
+    DIFFUSION_ONLY_SETTINGS
+    + ("max_new_tokens", "max_length", "temperature", "top_p", "top_k", "use_cache")
+    + ("num_return_sequences", "return_dict_in_generate")
+    + SPECIAL_IDS
+)
+DIFFUSION_ONLY_ARGUMENTS = DIFFUSION_ONLY_SETTINGS + (
+    "response_template",
+    "generation_tokens_hook_func",
+    "generation_logits_hook_func",
+)
+UPSTREAM_DEFAULT_MAX_LENGTH = 20
+
+
+class DimpleGenerationConfig(GenerationConfig):
+    r"""
+    Settings of [`DimpleGenerationMixin.diffusion_generate`], saved and loaded as `generation_config.json`.
+
+    `diffusion_generate` resolves its settings in this order, each step overriding the previous one: these class
+    defaults, then `model.generation_config` (the checkpoint's `generation_config.json`), then an explicit
+    `generation_config` argument, then keyword arguments. Special ids missing from all of them come from the model's
+    `config.json` (the released `generation_config.json` has no `mask_token_id`; config.json has 151666).
+
+    The released code instead built its settings from the model config and, under transformers 4.46, silently
+    inherited the legacy attributes `temperature=1.0` and `top_k=50` whenever a caller omitted them: every published
+    run filtered with **top-k 50**. These defaults do not do that. To reproduce a released run, pass `top_k=50` (and
+    `temperature=1.0` if the run did not set a temperature), e.g. the README chat:
+    `temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95, steps=N, max_new_tokens=N`.
+
+    Args:
+        max_new_tokens (`int`, *optional*): N, the number of answer slots. Without it (and without a
+            `response_template`) the answer has `max_length - prompt_length` slots, or 20 when `max_length` is left
+            at its default (the upstream rule).
+        max_length (`int`, defaults to 20): total length (prompt + answer) when `max_new_tokens` is not set.
+        steps (`int`, defaults to 512): the most denoising iterations (one forward pass each). Usually steps = N.
+        eps (`float`, defaults to 1e-3): end of the time grid `linspace(1, eps, steps + 1)`.
+        alg (`str`, defaults to `"origin"`): slot ranking, one of `origin`, `origin-ratio` (dim only),
+            `autoregressive`, `maskgit_plus`, `topk_margin`, `entropy`.
+        alg_temp (`float`, *optional*): if > 0, the confidence algorithms *sample* their k slots from
+            `softmax(confidence / alg_temp)` instead of taking the top k.
+        alg_p_threshold (`float`, *optional*): gamma in (0, 1], the confident-decoding threshold of the dim pipeline
+            (a slot is committed when its confidence is strictly greater). `None` disables it.
+        use_original_confidence (`bool`, defaults to `True`): confidence from the raw softmax, before temperature,
+            top-p and top-k; `False` uses the filtered distribution. The dream pipeline always uses the filtered one.
+        decoding_pipeline (`str`, defaults to `"dim"`): `dim` (confident decoding) or `dream` (fixed schedule).
+        temperature (`float`, defaults to 0.0): > 0 samples the tokens from the tempered distribution; 0 takes the
+            argmax.
+        top_p (`float`, *optional*): nucleus filter in (0, 1] (the top-1 token is always kept).
+        top_k (`int`, *optional*): keep the k largest logits (0 or `None`: off).
+        use_cache (`bool`, defaults to `False`): prefix KV cache ("prefilling"): the prompt keys/values are computed
+            once at step 0 and reused; later steps run only the answer plus the last prompt token.
+        cache_refresh_interval (`int`, defaults to 0): with `use_cache`, recompute the whole sequence (and the cached
+            prompt) every k steps, so the prompt sees the current answer; 0 never refreshes (the released behaviour).
+        cuda_graph (`bool`, defaults to `False`): with `use_cache` on a CUDA device, capture the cached step once as
+            a CUDA graph and replay it for every later step (all cached steps have the same shapes). Same tokens as
+            the eager path; removes the per-step launch overhead that dominates small batches.
+        num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
+            random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
+        output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each
+            step.
+        return_dict_in_generate (`bool`, defaults to `False`): return a [`DimpleDiffusionOutput`] instead of the
+            sequences tensor.
+        mask_token_id, pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): special ids; only the mask id
+            and the pad id (filler of short templates) are used. EOS stops nothing in diffusion decoding.
+    """
+
+    def __init__(self, **kwargs):
+        self.steps = kwargs.pop("steps", 512)
+        self.eps = kwargs.pop("eps", 1e-3)
+        self.alg = kwargs.pop("alg", "origin")
+        self.alg_temp = kwargs.pop("alg_temp", None)
+        self.alg_p_threshold = kwargs.pop("alg_p_threshold", None)
+        self.use_original_confidence = kwargs.pop("use_original_confidence", True)
+        self.decoding_pipeline = kwargs.pop("decoding_pipeline", "dim")
+        self.cache_refresh_interval = kwargs.pop("cache_refresh_interval", 0)
+        self.cuda_graph = kwargs.pop("cuda_graph", False)
+        self.output_history = kwargs.pop("output_history", False)
+        self.mask_token_id = kwargs.pop("mask_token_id", None)
+        for name, value in (
+            ("temperature", 0.0),
+            ("max_length", UPSTREAM_DEFAULT_MAX_LENGTH),
+            ("use_cache", False),
+            ("num_return_sequences", 1),
+            ("return_dict_in_generate", False),
+        ):
+            kwargs.setdefault(name, value)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "DimpleGenerationConfig":
+        """Class defaults plus the special ids of the model config; legacy generation attributes are not inherited."""
+        values = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        return cls(**{name: values[name] for name in SPECIAL_IDS if values.get(name) is not None})
+
+    def to_diff_dict(self) -> dict:
+        """Only the values that differ from *these* class defaults (transformers diffs against its own defaults).
+
+        So a saved `generation_config.json`, which `from_pretrained` also hands to the standard `generate`, does not
+        pin `temperature=0.0` or `use_cache=False` there unless they were set on purpose.
+        """
+        defaults = DimpleGenerationConfig().to_dict()
+        return {
+            key: value
+            for key, value in super().to_diff_dict().items()
+            if key == "transformers_version" or key not in defaults or value != defaults[key]
+        }
+
+    @property
+    def is_random(self) -> bool:
+        """Whether two runs can differ: sampled tokens or randomly chosen slots."""
+        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
+        return (self.temperature or 0) > 0 or self.alg in RANDOM_ALGORITHMS or sampled_slots
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        """Raise a `ValueError` naming the first invalid setting; warn about combinations that have no effect.
+
+        transformers' generic checks are not run: they treat temperature/top-p/top-k as sampling-only flags, while
+        here temperature > 0 is what samples and top-p/top-k also shape confidences at temperature 0. With `strict`
+        (used by `save_pretrained` on a modified config), the warnings are raised as errors.
+        """
+        self._check_values()
+        for message in self._ineffective_combinations():
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    def _check_values(self):
+        def fail(name, expected):
+            raise ValueError(f"`{name}` must be {expected}, got {getattr(self, name)!r}.")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.steps) or self.steps < 1:
+            fail("steps", "an integer >= 1 (the most denoising iterations)")
+        if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens <= 0):
+            fail("max_new_tokens", "a positive integer")
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
+            fail("max_length", "a positive integer")
+        if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            fail("eps", "in (0, 1)")
+        if self.alg not in ALGORITHMS:
+            fail("alg", f"one of {ALGORITHMS}")
+        if self.decoding_pipeline not in PIPELINES:
+            fail("decoding_pipeline", f"one of {PIPELINES}")
+        if self.alg == "origin-ratio" and self.decoding_pipeline == "dream":
+            raise ValueError('`alg="origin-ratio"` exists only in the dim pipeline; use `decoding_pipeline="dim"`.')
+        if self.alg_p_threshold is not None and not 0 < self.alg_p_threshold <= 1:
+            fail("alg_p_threshold", "in (0, 1], or None to disable confident decoding")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            fail("alg_temp", ">= 0")
+        if self.temperature is not None and self.temperature < 0:
+            fail("temperature", ">= 0 (0 takes the argmax)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            fail("top_p", "in (0, 1], or None to disable it (a tiny value such as 0.01 keeps only the top-1 token)")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
+            fail("top_k", "a non-negative integer (0 or None disables it)")
+        if not is_int(self.cache_refresh_interval) or self.cache_refresh_interval < 0:
+            fail("cache_refresh_interval", "an integer >= 0 (0 never refreshes)")
+        if self.cuda_graph and not self.use_cache:
+            raise ValueError("`cuda_graph=True` replays the cached step: it needs `use_cache=True`.")
+        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            fail("num_return_sequences", "an integer >= 1")
+        if self.num_return_sequences > 1 and not self.is_random:
+            raise ValueError(
+                f"`num_return_sequences={self.num_return_sequences}` would return identical answers: decoding is "
+                f'deterministic with temperature 0 and alg="{self.alg}". Set temperature > 0, use a random `alg` '
+                "(origin, origin-ratio), or alg_temp > 0 with a confidence algorithm."
+            )
+
+    def _ineffective_combinations(self) -> list[str]:
+        messages = []
+        if self.alg_p_threshold is not None and self.alg == "entropy" and self.decoding_pipeline == "dim":
+            messages.append(
+                '`alg="entropy"` scores slots by negative entropy (always <= 0), so `alg_p_threshold` never fires '
+                "except in the final flush."
+            )
+        if self.alg_p_threshold is not None and self.decoding_pipeline == "dream":
+            messages.append("`alg_p_threshold` is ignored by the dream pipeline (it has no confident decoding).")
+        if self.alg_temp and self.alg not in CONFIDENCE_ALGORITHMS:
+            messages.append(f'`alg_temp` only affects {CONFIDENCE_ALGORITHMS}; it is ignored with alg="{self.alg}".')
+        if self.cache_refresh_interval and not self.use_cache:
+            messages.append("`cache_refresh_interval` has no effect without `use_cache=True`.")
+        return messages
+
+
+@dataclass
+class DimpleDiffusionOutput(ModelOutput):
+    """
+    Output of [`DimpleGenerationMixin.diffusion_generate`] with `return_dict_in_generate=True`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `[B, P + N]`): the prompt exactly as given, then the N answer slots.
+        history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, `sequences` after each step run.
+        num_forward_passes (`torch.LongTensor` of shape `[B]`): forward passes each row took, i.e. the steps that
+            started while it still had a mask.
+        tokens_per_step (`torch.LongTensor` of shape `[B, steps run]`): slots each row committed at each step (0 after
+            the row finished).
+    """
+
+    sequences: torch.LongTensor | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+    num_forward_passes: torch.LongTensor | None = None
+    tokens_per_step: torch.LongTensor | None = None
+
+
+class DiffusionTextStreamer(BaseStreamer):
+    """
+    Prints the answer after every diffusion step, with still-masked slots shown as `placeholder`.
+
+    `diffusion_generate` calls `put(canvas)` once per step with the whole answer canvas, a `[batch, N]` LongTensor in
+    which undecided slots hold the mask id, and `end()` once at the end. Each call replaces the previous text (unlike
+    a left-to-right `TextStreamer`, which appends). The latest texts are kept in `self.texts`; override `on_canvas` to
+    send them elsewhere (a UI, a log).
+
+    Args:
+        tokenizer: decodes the committed tokens.
+        mask_token_id (`int`, *optional*): defaults to the tokenizer's `<|mask|>` id.
+        placeholder (`str`, defaults to `"_"`): shown for each masked slot.
+        decode_kwargs: passed to `tokenizer.decode` (default `skip_special_tokens=True`).
+    """
+
+    def __init__(self, tokenizer, mask_token_id: int | None = None, placeholder: str = "_", **decode_kwargs):
+        self.tokenizer = tokenizer
+        if mask_token_id is None:
+            mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_token_id is None:
+            mask_token_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+        if mask_token_id is None:
+            raise ValueError("Pass `mask_token_id`: the tokenizer has no `<|mask|>` token.")
+        self.mask_token_id = mask_token_id
+        self.placeholder = placeholder
+        self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        self.texts: list[str] = []
+        self.steps = 0
+        self.finished = False
+
+    def render(self, token_ids: list[int]) -> str:
+        """Decode runs of committed tokens together (so multi-byte characters survive); masks become placeholders."""
+        pieces, run = [], []
+        for token in token_ids + [None]:
+            if token is not None and token != self.mask_token_id:
+                run.append(token)
+                continue
+            if run:
+                pieces.append(self.tokenizer.decode(run, **self.decode_kwargs))
+                run = []
+            if token is not None:
+                pieces.append(self.placeholder)
+        return "".join(pieces)
+
+    def put(self, value: torch.Tensor):
+        canvas = value.reshape(-1, value.shape[-1])
+        self.texts = [self.render(row) for row in canvas.tolist()]
+        self.steps += 1
+        self.on_canvas(self.texts, self.steps)
+
+    def end(self):
+        self.finished = True
+
+    def on_canvas(self, texts: list[str], step: int):
+        for row, text in enumerate(texts):
+            prefix = f"[step {step}]" if len(texts) == 1 else f"[step {step}, row {row}]"
+            print(f"{prefix} {text}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+
+def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p`; the top-1 token always stays."""
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the token that crosses the mass
+    remove[..., 0] = False
+    remove = torch.zeros_like(remove).scatter_(-1, sorted_indices, remove)
+    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
+
+
+def top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
+    return logits.masked_fill(logits < kth_largest, torch.finfo(logits.dtype).min)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    confidence: str = "probability",
+    use_original_confidence: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick a token for each row of `logits` [M, V] and score it; returns (confidence [M], tokens [M]).
+
+    Tokens: sampled from the tempered, top-p/top-k filtered distribution p when temperature > 0, else argmax of p.
+    Confidence, from p or, with `use_original_confidence`, from the unfiltered softmax: "probability" of the chosen
+    token, "margin" (top-1 minus top-2 probability) or "entropy" (sum p log p, i.e. minus the entropy). All in the
+    logits' dtype, like the released code (bf16 in bf16 runs).
+    """
+    raw_probs = F.softmax(logits, dim=-1) if use_original_confidence else None
+    if temperature and temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits(logits, top_p)
+    if top_k:
+        logits = top_k_logits(logits, top_k)
+    probs = F.softmax(logits, dim=-1)
+    tokens = probs.argmax(dim=-1)
+    if temperature and temperature > 0:
+        try:
+            tokens = torch.distributions.Categorical(probs=probs).sample()
+        except (ValueError, RuntimeError):  # e.g. NaN probabilities: keep the argmax, as the released code does
+            pass
+    scored = raw_probs if use_original_confidence else probs
+    if confidence == "margin":
+        top2 = torch.topk(scored, 2, dim=-1).values
+        return top2[:, 0] - top2[:, 1], tokens
+    if confidence == "entropy":
+        return (scored * torch.log(scored + 1e-10)).sum(dim=-1), tokens
+    return scored.gather(-1, tokens[:, None]).squeeze(-1), tokens
+
+
+def confidence_kind(alg: str) -> str:
+    return {"topk_margin": "margin", "entropy": "entropy"}.get(alg, "probability")
+
+
+# ---------------------------------------------------------------------------------------------- slot selection
+# Each function decides one row: it gets the logits of the row's masked slots (in position order) and returns the
+# indices (into those slots) to commit and their tokens.
+
+
+def most_confident(confidence: torch.Tensor, k: int, alg_temp: float | None) -> torch.Tensor:
+    """The k most confident slots (ties: lowest position first), or k slots drawn from softmax(conf / alg_temp)."""
+    if alg_temp is not None and alg_temp > 0:
+        return torch.multinomial(F.softmax(confidence / alg_temp, dim=-1), num_samples=k)
+    return torch.sort(confidence, descending=True, stable=True).indices[:k]
+
+
+def leftmost(num_masked: int, last_step: bool, device) -> torch.Tensor:
+    """Autoregressive order: the first masked slot, or all of them at the last allowed step (final flush)."""
+    return torch.arange(num_masked if last_step else 1, device=device)
+
+
+def fallback_count(num_masked: int, total_masks: int, step: int, timesteps: torch.Tensor, eps: float):
+    """Dim fallback: how many slots to commit, re-anchoring the time grid to the share of masks left.
+
+    r = masks left / masks at the start. Starting at the first grid point below r (and after the current step), take
+    the first point s for which k = int(c * (1 - s / r)) >= 1; at the grid's end (s = eps) k is every mask left.
+    Returns (k, s, r). When no grid point is below r (only possible with > 1/eps masks), the schedule is over and
+    every mask left is committed (upstream raised a ValueError here).
+    """
+    ratio = torch.tensor(num_masked, dtype=torch.float32, device=timesteps.device) / total_masks
+    below = (timesteps < ratio).nonzero()
+    start = max(int(below[0]) if len(below) else len(timesteps) - 1, step + 1)
+    for s in timesteps[start:-1]:
+        k = int(num_masked * (1 - s / ratio))
+        if k >= 1:
+            return k, s, ratio
+    return num_masked, timesteps[-1], ratio  # the grid's end, s = eps: commit everything left
+
+
+def dim_selection(logits, step, total_masks, timesteps, config):
+    """Confident decoding: every slot above the threshold; otherwise the re-anchored fallback schedule."""
+    num_masked = logits.shape[0]
+    last_step = step == config.steps - 1
+    confidence, tokens = sample_tokens(
+        logits,
+        config.temperature,
+        config.top_p,
+        config.top_k,
+        confidence_kind(config.alg),
+        config.use_original_confidence,
+    )
+    if config.alg_p_threshold is not None:
+        passed = torch.ones_like(confidence, dtype=torch.bool) if last_step else confidence > config.alg_p_threshold
+        if passed.any():
+            chosen = passed.nonzero().squeeze(1)
+            return chosen, tokens[chosen]
+
+    k, s, ratio = fallback_count(num_masked, total_masks, step, timesteps, config.eps)
+    if config.alg == "origin":
+        chosen = torch.randperm(num_masked)[:k].to(logits.device)  # CPU generator, as the released code
+    elif config.alg == "origin-ratio":
+        probability = 1 - s / ratio if s > config.eps else 1.0
+        chosen = (torch.rand(num_masked, device=logits.device) < probability).nonzero().squeeze(1)  # may be empty
+    elif config.alg == "autoregressive":
+        chosen = leftmost(num_masked, last_step, logits.device)
+    else:
+        chosen = most_confident(confidence, k, config.alg_temp)
+    return chosen, tokens[chosen]
+
+
+def dream_selection(logits, step, total_masks, timesteps, config):
+    """Dream v0's schedule between t = timesteps[step] and s = timesteps[step + 1]; confidence from the filtered p."""
+    num_masked = logits.shape[0]
+    last_step = step == config.steps - 1
+    t, s = timesteps[step], timesteps[step + 1]
+    sampling = (config.temperature, config.top_p, config.top_k)
+    if config.alg == "origin":
+        probability = 1.0 if last_step else 1 - s / t
+        chosen = (torch.rand(num_masked, device=logits.device) < probability).nonzero().squeeze(1)
+        if len(chosen) == 0:
+            return chosen, chosen
+        _, tokens = sample_tokens(logits[chosen], *sampling)  # only the chosen slots are sampled, as in Dream
+        return chosen, tokens
+    confidence, tokens = sample_tokens(logits, *sampling, confidence_kind(config.alg))
+    if config.alg == "autoregressive":
+        chosen = leftmost(num_masked, last_step, logits.device)
+    else:
+        k = num_masked if last_step else int(num_masked * (1 - s / t))
+        chosen = most_confident(confidence, k, config.alg_temp) if k > 0 else confidence.new_zeros(0, dtype=torch.long)
+    return chosen, tokens[chosen]
+
+
+SELECTIONS = {"dim": dim_selection, "dream": dream_selection}
+
+
+# ------------------------------------------------------------------------------------------------ input set-up
+
+
+@dataclass
+class DiffusionBatch:
+    """What stays fixed during one `diffusion_generate` call (internal layout: prompts left-aligned)."""
+
+    x: torch.LongTensor  # [B, S] prompt (P columns) then the N answer slots; updated in place
+    attention_mask: torch.LongTensor  # [B, S]; 0 on prompt padding and on the filler slots of short templates
+    position_ids: torch.LongTensor  # [3, B, S] multimodal RoPE positions
+    prompt_embeds: torch.Tensor  # [B, P, H] prompt embeddings with the vision features in place
+    prompt: torch.LongTensor  # [B, P] the prompt as the caller gave it, returned unchanged
+    aligned_prompt: torch.LongTensor  # [B, P] the left-aligned prompt, which hooks must leave unchanged
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt.shape[1]
+
+    @property
+    def answer(self) -> torch.LongTensor:
+        return self.x[:, self.prompt_length :]
+
+    def sequences(self) -> torch.LongTensor:
+        return torch.cat([self.prompt, self.answer], dim=1)
+
+
+def left_align(input_ids: torch.LongTensor, attention_mask: torch.Tensor):
+    """Move padding to the left of each row (a no-op for left-padded input): the cache needs one prompt end."""
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def template_rows(response_template, batch_size: int) -> list[list[int]]:
+    """One list of ids per row from a shared list, per-row lists or tensors, or a 1-D/2-D LongTensor."""
+    if isinstance(response_template, torch.Tensor):
+        if response_template.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"`response_template` must hold token ids, got a {response_template.dtype} tensor.")
+        response_template = response_template.tolist()
+    if not isinstance(response_template, (list, tuple)) or not response_template:
+        raise TypeError(
+            "`response_template` must be a non-empty list of token ids, a list of such lists (one per row), or a "
+            f"LongTensor; got {type(response_template).__name__}."
+        )
+    if isinstance(response_template[0], torch.Tensor):
+        response_template = [row.tolist() for row in response_template]
+    per_row = isinstance(response_template[0], (list, tuple))
+    rows = response_template if per_row else [response_template] * batch_size
+    if len(rows) != batch_size:
+        raise ValueError(f"`response_template` has {len(rows)} rows for a batch of {batch_size} prompts.")
+    for row in rows:
+        if not row or not all(isinstance(token, int) and not isinstance(token, bool) for token in row):
+            raise TypeError("`response_template` rows must be non-empty lists of integer token ids.")
+    return [list(row) for row in rows]
+
+
+def answer_canvas(response_template, batch_size, answer_length, config, device):
+    """The N answer slots of each row ([B, N] ids and [B, N] attention) from the template or from N masks.
+
+    Rows with shorter templates are right-padded with `pad_token_id` filler slots that no token attends to, so a
+    row decodes as it would alone; the fillers are returned as they are (pad ids).
+    """
+    if response_template is None:
+        canvas = torch.full((batch_size, answer_length), config.mask_token_id, dtype=torch.long, device=device)
+        return canvas, torch.ones_like(canvas)
+    rows = template_rows(response_template, batch_size)
+    width = max(len(row) for row in rows)
+    if config.max_new_tokens is not None and width > config.max_new_tokens:
+        raise ValueError(
+            f"`response_template` has {width} slots but `max_new_tokens` is {config.max_new_tokens}; the template "
+            "sets the answer length, so drop `max_new_tokens` or shorten the template."
+        )
+    if any(config.mask_token_id not in row for row in rows):
+        raise ValueError(
+            f"Every `response_template` row needs at least one mask slot (id {config.mask_token_id}); a row without "
+            "one has nothing to decode."
+        )
+    if width > min(len(row) for row in rows) and config.pad_token_id is None:
+        raise ValueError("Per-row templates of different lengths need a `pad_token_id` for the filler slots.")
+    canvas = torch.tensor([row + [config.pad_token_id] * (width - len(row)) for row in rows], device=device)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return canvas, attention
+
+
+def answer_length_without_template(config, prompt_length: int, max_length_passed: bool, max_positions) -> int:
+    """`max_new_tokens`, else `max_length - P`; an untouched default `max_length` (20) means 20 new slots."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    total = config.max_length
+    if not max_length_passed and config.max_length == UPSTREAM_DEFAULT_MAX_LENGTH:
+        total = prompt_length + UPSTREAM_DEFAULT_MAX_LENGTH
+        total = min(total, max_positions) if max_positions else total
+    if total <= prompt_length:
+        raise ValueError(
+            f"The prompt has {prompt_length} tokens but the total length is {total}; set `max_new_tokens`."
+        )
+    return total - prompt_length
+
+
+def check_hook_output(name: str, value, expected: torch.Tensor):
+    if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must return a tensor of shape {tuple(expected.shape)}, got {got}.")
+    if value.dtype.is_floating_point != expected.dtype.is_floating_point:
+        raise TypeError(f"`{name}` must return a {expected.dtype} tensor, got {value.dtype}.")
+    return value.to(expected.device)
+
+
+class PrefixCache(DynamicCache):
+    """The cached prompt prefix, read-only: each cached step attends to [prefix | its own fresh keys/values].
+
+    Nothing is appended (so nothing needs cropping after a step), and every cached step sees tensors of the same
+    shapes at the same addresses, which is what a CUDA graph replay needs.
+    """
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+class CachedAnswerStep:
+    """A cached denoising step: the last prompt token and the N answer slots against the cached prompt prefix.
+
+    All such steps of one call have identical shapes (N + 1 queries, P - 1 cached keys), so with `cuda_graph=True`
+    the step is captured once as a CUDA graph and then replayed: one launch per step instead of the hundreds of
+    kernel launches (and Python overhead) of an eager forward, which dominate a small-batch step on a GPU.
+    """
+
+    def __init__(self, model, batch: DiffusionBatch, cache: DynamicCache, cuda_graph: bool = False):
+        self.model, self.batch = model, batch
+        self.start = batch.prompt_length - 1
+        self.prefix = PrefixCache(
+            ddp_cache_data=[(k[:, :, : self.start].clone(), v[:, :, : self.start].clone()) for k, v, *_ in cache]
+        )
+        self.cuda_graph = cuda_graph
+        self.graph = None
+
+    def refill(self, cache: DynamicCache):
+        """New prefix keys/values (a cache refresh), written in place so a captured graph stays valid."""
+        for layer, (keys, values, *_) in zip(self.prefix.layers, cache):
+            layer.keys.copy_(keys[:, :, : self.start])
+            layer.values.copy_(values[:, :, : self.start])
+
+    def forward(self, answer: torch.LongTensor) -> torch.Tensor:
+        return self.model._score_answer(self.batch, answer, self.start, self.prefix)
+
+    def __call__(self, answer: torch.LongTensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self.forward(answer)
+        if self.graph is None:
+            self._capture(answer)
+        self.static_answer.copy_(answer)
+        self.graph.replay()
+        return self.static_logits.clone()
+
+    def _capture(self, answer: torch.LongTensor):
+        self.static_answer = answer.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: kernels pick their workspaces here
+            for _ in range(2):
+                self.forward(self.static_answer)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.forward(self.static_answer)
+
+
+# ------------------------------------------------------------------------------------------------------- mixin
+
+
+class DimpleGenerationMixin(GenerationMixin):
+    """`diffusion_generate` for Dimple, and the hooks that make the stock `generate` decode autoregressively."""
+
+    # ------------------------------------------------------------------------------------ diffusion_generate
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        response_template=None,
+        streamer: BaseStreamer | None = None,
+        generation_tokens_hook_func=None,
+        generation_logits_hook_func=None,
+        **kwargs,
+    ) -> DimpleDiffusionOutput | torch.LongTensor:
+        r"""
+        Answer by masked diffusion: append N `<|mask|>` slots to each prompt and fill them over at most `steps`
+        forward passes (see the module docstring for the pipelines and algorithms).
+
+        Args:
+            inputs (`torch.LongTensor` of shape `[B, P]`): prompt ids (also accepted as `input_ids=`). Left or right
+                padding both work; mask tokens inside the prompt are rejected.
+            generation_config ([`GenerationConfig`], *optional*): overrides `model.generation_config`; keyword
+                arguments override both (see [`DimpleGenerationConfig`] for every setting and the resolution order).
+            attention_mask (`torch.Tensor` of shape `[B, P]`, *optional*): 1 for real tokens; defaults to all ones.
+            response_template (*optional*): structure prior, one list of ids for every row, one list per row, or a
+                LongTensor (`processor.encode_response_template` builds them). Slots holding the mask id are decoded;
+                every other id is fixed and never overwritten. The template sets the answer length exactly (N = its
+                length; shorter rows get pad filler slots that nothing attends to); an answer slot placed first is
+                filled first when confident.
+            streamer (`BaseStreamer`, *optional*): `put` receives the `[B, N]` answer canvas after every step (masked
+                slots hold the mask id); `end` is called once. See [`DiffusionTextStreamer`].
+            generation_tokens_hook_func (`callable`, *optional*): `(step, x, logits) -> x`, called once before the
+                loop as `(None, x, None)` and after every step. `x` is always the full `[B, P + N]` sequence (with or
+                without the cache, prompts left-aligned) and the hook must return a LongTensor of that shape with the
+                prompt unchanged.
+            generation_logits_hook_func (`callable`, *optional*): `(step, x, logits) -> logits`, called before slots
+                are chosen. `logits` is `[B, N, V]`: row j scores answer slot j (already shifted, so right-aligned
+                edits such as `logits[:, -k:]` act on the last k slots, as with the released hooks).
+            kwargs: any [`DimpleGenerationConfig`] setting, and the vision inputs `pixel_values` / `image_grid_thw`
+                (and `pixel_values_videos` / `video_grid_thw`). Images are encoded once per call.
+
+        Returns:
+            `torch.LongTensor` `[B * num_return_sequences, P + N]` (the prompt as given, then the answer), or a
+            [`DimpleDiffusionOutput`] with `return_dict_in_generate=True`. Nothing is cut at EOS: strip trailing
+            `<|endoftext|>`, `<|im_end|>` and leftover masks when decoding.
+
+        Intended deviations from the released implementation (identical results at batch size 1 otherwise):
+            - batching is per sample: each row has its own mask count, schedule, threshold decision, slot choice and
+              stop; upstream pooled these over the batch, so one confident row could stall the others;
+            - the dim fallback no longer raises when almost no mask is left (it commits what is left);
+            - `autoregressive` flushes the remaining masks at the last step, like every other algorithm;
+            - ties between confidences are broken by position (leftmost first) instead of `torch.topk`'s order;
+            - the dream pipeline also stops once no mask is left (the sequences are the same, the history shorter);
+            - the hooks always see `[B, P + N]` tokens and `[B, N, V]` answer logits, with or without the cache;
+            - images are encoded once per call; logits are computed only at the N positions that score answer slots;
+            - `attention_mask` defaults to all ones, `num_return_sequences` works with images, right padding works,
+              masks in the prompt are an error, and `streamer` is supported.
+        """
+        max_length_passed = "max_length" in kwargs
+        if inputs is not None and kwargs.get("input_ids") is not None:
+            raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        config, visual = self._diffusion_settings(generation_config, kwargs)
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"`cuda_graph=True` needs the model on a CUDA device; it is on {self.device}.")
+        batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
+        if generation_tokens_hook_func is not None:
+            batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
+
+        total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
+        timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
+        select = SELECTIONS[config.decoding_pipeline]
+        history, committed_per_step = [], []
+        forward_passes = torch.zeros_like(total_masks)
+        cached_step = None
+        for step in range(config.steps):
+            masked = batch.answer == config.mask_token_id
+            active = masked.any(1)
+            if not active.any():
+                break
+            logits, cached_step = self._answer_logits(batch, cached_step, step, config)
+            if generation_logits_hook_func is not None:
+                logits = check_hook_output(
+                    "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
+                )
+            committed = torch.zeros_like(total_masks)
+            for row in active.nonzero().squeeze(1).tolist():
+                slots = masked[row].nonzero().squeeze(1)
+                chosen, tokens = select(logits[row, slots], step, int(total_masks[row]), timesteps, config)
+                batch.answer[row, slots[chosen]] = tokens
+                committed[row] = len(chosen)
+            forward_passes += active.long()
+            committed_per_step.append(committed)
+            if generation_tokens_hook_func is not None:
+                batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
+            if config.output_history and config.return_dict_in_generate:
+                history.append(batch.sequences())
+            if streamer is not None:
+                streamer.put(batch.answer.cpu())
+        if streamer is not None:
+            streamer.end()
+
+        sequences = batch.sequences()
+        if not config.return_dict_in_generate:
+            return sequences
+        return DimpleDiffusionOutput(
+            sequences=sequences,
+            history=tuple(history) if config.output_history else None,
+            num_forward_passes=forward_passes,
+            tokens_per_step=torch.stack(committed_per_step, dim=1) if committed_per_step else None,
+        )
+
+    def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
+        """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json."""
+        values = {}
+        for source in (self.generation_config, generation_config):
+            if source is None:
+                continue
+            if not isinstance(source, GenerationConfig):
+                raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
+            values.update({k: v for k, v in source.to_dict().items() if k in DIFFUSION_SETTINGS and v is not None})
+        values.update({k: kwargs.pop(k) for k in list(kwargs) if k in DIFFUSION_SETTINGS})
+        for name in SPECIAL_IDS:
+            if values.get(name) is None and getattr(self.config, name, None) is not None:
+                values[name] = getattr(self.config, name)
+        config = DimpleGenerationConfig(**values)
+        if config.mask_token_id is None:
+            raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
+
+        for name in ("position_ids", "inputs_embeds"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"`{name}` is not supported by diffusion_generate: pass `input_ids` (and images).")
+        unknown = sorted(set(kwargs) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
+        if unknown:
+            raise TypeError(f"diffusion_generate got unknown arguments {unknown} (neither settings nor model inputs).")
+        return config, {k: v for k, v in kwargs.items() if k in VISUAL_INPUTS and v is not None}
+
+    def _diffusion_batch(
+        self, input_ids, attention_mask, response_template, config, visual, max_length_passed
+    ) -> DiffusionBatch:
+        if input_ids is None:
+            raise ValueError("Pass the prompt ids as `inputs` (or `input_ids=`).")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
+            raise TypeError(f"`inputs` must be a LongTensor of token ids, got {type(input_ids).__name__}.")
+        device = self.device
+        input_ids = (input_ids[None] if input_ids.ndim == 1 else input_ids).to(device)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"`inputs` must be [batch, prompt_length] with at least one token, got {tuple(input_ids.shape)}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must be 2-D with the prompt's shape {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        if ((input_ids == config.mask_token_id) & (attention_mask == 1)).any():
+            raise ValueError(
+                f"The prompt contains the mask token (id {config.mask_token_id}). Masks belong in the answer: put "
+                "fixed and masked slots in `response_template` instead."
+            )
+        if not (attention_mask == 1).any(1).all():
+            raise ValueError("Every prompt needs at least one real token (a row of `attention_mask` is all zeros).")
+        self._check_visual_inputs(visual)
+
+        prompt, prompt_mask = left_align(input_ids, attention_mask)
+        batch_size, prompt_length = prompt.shape
+        length = None
+        if response_template is None:
+            max_positions = getattr(self.config, "max_position_embeddings", None)
+            length = answer_length_without_template(config, prompt_length, max_length_passed, max_positions)
+        canvas, canvas_mask = answer_canvas(response_template, batch_size, length, config, device)
+        x = torch.cat([prompt, canvas], dim=1)
+        full_mask = torch.cat([prompt_mask, canvas_mask], dim=1)
+        position_ids, _ = self.get_rope_index(
+            x, visual.get("image_grid_thw"), visual.get("video_grid_thw"), attention_mask=full_mask
+        )
+        batch = DiffusionBatch(
+            x=x,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            prompt_embeds=self._prompt_embeddings(prompt, visual),
+            prompt=input_ids,
+            aligned_prompt=prompt.clone(),
+        )
+        return self._repeat_rows(batch, config.num_return_sequences)
+
+    def _check_visual_inputs(self, visual):
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if (pixels in visual) != (grid in visual):
+                given, missing = (pixels, grid) if pixels in visual else (grid, pixels)
+                raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
+
+    def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
+        """Token embeddings with the image/video features written into their placeholder slots (encoded once)."""
+        embeds = self.get_input_embeddings()(prompt)
+        for pixels, grid, token_id, encode in (
+            ("pixel_values", "image_grid_thw", self.config.image_token_id, self.get_image_features),
+            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id, self.get_video_features),
+        ):
+            if pixels not in visual:
+                continue
+            features = encode(visual[pixels].to(self.device), visual[grid].to(self.device))
+            slots = prompt == token_id
+            if int(slots.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"The prompts hold {int(slots.sum())} placeholder tokens (id {token_id}) but `{pixels}` gives "
+                    f"{features.shape[0]} feature rows; build the prompt and the pixels with the processor."
+                )
+            embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+        return embeds
+
+    @staticmethod
+    def _repeat_rows(batch: DiffusionBatch, times: int) -> DiffusionBatch:
+        """`num_return_sequences`: each prompt (with its images, already encoded) repeated on consecutive rows."""
+        if times == 1:
+            return batch
+        return DiffusionBatch(
+            x=batch.x.repeat_interleave(times, 0),
+            attention_mask=batch.attention_mask.repeat_interleave(times, 0),
+            position_ids=batch.position_ids.repeat_interleave(times, 1),
+            prompt_embeds=batch.prompt_embeds.repeat_interleave(times, 0),
+            prompt=batch.prompt.repeat_interleave(times, 0),
+            aligned_prompt=batch.aligned_prompt.repeat_interleave(times, 0),
+        )
+
+    def _checked_tokens(self, x, batch: DiffusionBatch) -> torch.LongTensor:
+        x = check_hook_output("generation_tokens_hook_func", x, batch.x)
+        if not torch.equal(x[:, : batch.prompt_length], batch.aligned_prompt):
+            raise ValueError("`generation_tokens_hook_func` changed the prompt; it may only edit the answer slots.")
+        return x.long()
+
+    def _answer_logits(self, batch: DiffusionBatch, cached_step, step: int, config):
+        """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1).
+
+        Without the cache every step runs the whole sequence. With it (spec 5.8), a full step runs the whole
+        sequence and keeps the keys/values of the prompt minus its last token; other steps run only the last prompt
+        token plus the N answer slots against that prefix ([`CachedAnswerStep`]). Full steps are step 0 and, with
+        `cache_refresh_interval` k > 0, every k-th step.
+        """
+        refresh = config.cache_refresh_interval
+        if config.use_cache and step > 0 and not (refresh > 0 and step % refresh == 0):
+            return cached_step(batch.answer), cached_step
+        cache = DynamicCache(config=self.config) if config.use_cache else None
+        logits = self._score_answer(batch, batch.answer, start=0, cache=cache)
+        if cache is None:
+            return logits, None
+        if cached_step is None:
+            return logits, CachedAnswerStep(self, batch, cache, config.cuda_graph)
+        cached_step.refill(cache)
+        return logits, cached_step
+
+    def _score_answer(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
+        """Run tokens `start:` (prompt part from the precomputed embeddings) and score the N answer slots only."""
+        prompt_length, total = batch.prompt_length, batch.x.shape[1]
+        embeds = torch.cat([batch.prompt_embeds[:, start:], self.get_input_embeddings()(answer)], dim=1)
+        device = embeds.device
+        return self(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids[:, :, start:],
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=torch.arange(prompt_length - 1 - start, total - 1 - start, device=device),
+            return_dict=True,
+        ).logits
+
+    # ------------------------------------------------------------------------- autoregressive `generate`
+    # The stock loop works once positions follow Dimple's multimodal RoPE: the first forward computes them from the
+    # image grids (`get_rope_index`) and returns `rope_deltas`; cached steps place a new token at its index + delta.
+    # Attention is bidirectional by default, so cached decoding is not the same as re-running the whole sequence
+    # (earlier tokens never see later ones through the cache); with `config.full_attn_mask=False` (causal) they agree.
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
+        `max_new_tokens`, `eos_token_id`, streamers, `num_return_sequences` with images). Use `diffusion_generate` to
+        answer with the diffusion decoder.
+
+        With the default bidirectional attention (`config.full_attn_mask=True`), `use_cache=False` re-runs the whole
+        sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
+        later tokens existed, so the two can differ after the first new token. With causal attention they agree.
+        """
+        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
+        if misplaced:
+            raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """No 1-D positions from the attention mask: `forward` derives multimodal positions itself."""
+        return None
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if getattr(outputs, "rope_deltas", None) is not None:
+            model_kwargs["rope_deltas"] = outputs.rope_deltas  # cached steps: position = index + delta
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each prompt's own images with it (the stock version would interleave single patch rows)."""
+        visual = {}
+        if expand_size > 1 and input_ids is not None:
+            for pixels, grid, token_id in (
+                ("pixel_values", "image_grid_thw", self.config.image_token_id),
+                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+            ):
+                if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
+                    visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
+                        input_ids, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
+                    )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(visual)
+        return input_ids, model_kwargs
+
+    def _repeat_visual_per_prompt(self, input_ids, pixels, grid, token_id, times):
+        """Group the patch rows and grids by prompt (images are counted by `<|vision_start|>` + placeholder)."""
+        starts = (input_ids[:, :-1] == self.config.vision_start_token_id) & (input_ids[:, 1:] == token_id)
+        per_prompt = starts.sum(1).tolist()
+        if sum(per_prompt) != grid.shape[0]:
+            raise ValueError(f"The prompts hold {sum(per_prompt)} vision blocks but the grid has {grid.shape[0]} rows.")
+        grids = grid.split(per_prompt)
+        patches = pixels.split([int(g.prod(-1).sum()) for g in grids])
+        return (
+            torch.cat([p for p in patches for _ in range(times)]),
+            torch.cat([g for g in grids for _ in range(times)]),
+        )
+
+
+__all__ = [
+    "DimpleGenerationConfig",
+    "DimpleGenerationMixin",
+    "DimpleDiffusionOutput",
+    "DiffusionTextStreamer",
+    "sample_tokens",
+]

@@ -1,0 +1,228 @@
+"""Image processor of Dimple (arXiv 2505.16990): the Qwen2-VL smart-resize / normalize / patchify pipeline.
+
+Images reuse transformers' PIL-backend `Qwen2VLImageProcessorPil`, which gives the same pixels as the processor the
+released model was trained with, so this module needs neither torchvision nor a video decoder. What Dimple adds:
+
+* the released `preprocessor_config.json` stores the pixel budget as `size={"min_pixels", "max_pixels"}` (the
+  transformers 4.46 layout); it is translated to the 5.x `{"shortest_edge", "longest_edge"}` layout and
+  `min_pixels` / `max_pixels` are saved as top-level keys again;
+* clear errors for inputs the vision tower cannot take (empty images, sides below 28 px, aspect ratio above 200,
+  anything that is not 3-channel after the RGB conversion);
+* videos (lists of frames or [T, H, W, C] / [T, C, H, W] arrays) go through the same pipeline with real temporal
+  patches, and images and videos passed together both come back (upstream dropped the images).
+"""
+
+import numpy as np
+
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ImageType, get_image_type
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.video_utils import make_batched_videos
+
+MAX_ASPECT_RATIO = 200
+
+
+class DimpleImageProcessor(Qwen2VLImageProcessorPil):
+    r"""
+    Turns images (and videos) into the flattened patch rows the Dimple vision tower takes.
+
+    Each image is converted to RGB, resized with `smart_resize` (both sides multiples of
+    `patch_size * merge_size` = 28, pixel count within [`min_pixels`, `max_pixels`]), rescaled by 1/255, normalized
+    with the CLIP mean/std and cut into 14x14 patches; a still image is repeated to `temporal_patch_size` = 2 frames.
+
+    Args:
+        min_pixels (`int`, *optional*, defaults to 3136): smallest pixel count after resizing.
+        max_pixels (`int`, *optional*, defaults to 1003520): largest pixel count after resizing (the released
+            Dimple-7B file probably sets 112896 = 336 x 336).
+        size (`dict`, *optional*): alternative to `min_pixels` / `max_pixels`, either as
+            `{"shortest_edge", "longest_edge"}` or in the released `{"min_pixels", "max_pixels"}` layout.
+        **kwargs: the other `Qwen2VLImageProcessorPil` options (`patch_size`, `temporal_patch_size`, `merge_size`,
+            `image_mean`, `image_std`, `do_convert_rgb`, ...).
+
+    Returns (from `__call__`): a `BatchFeature` with `pixel_values` [sum of patches, 3 * 2 * 14 * 14] and
+    `image_grid_thw` [num_images, 3] for images, and `pixel_values_videos` / `video_grid_thw` for videos.
+    """
+
+    model_input_names = ["pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"]
+
+    def __init__(self, **kwargs):
+        kwargs = _translate_released_size(kwargs)
+        super().__init__(**kwargs)
+        if self.size.shortest_edge > self.size.longest_edge:
+            raise ValueError(
+                f"min_pixels ({self.size.shortest_edge}) must not exceed max_pixels ({self.size.longest_edge})."
+            )
+
+    def __call__(self, images=None, videos=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images, videos=videos, **kwargs)
+
+    def preprocess(self, images=None, videos=None, return_tensors=None, **kwargs) -> BatchFeature:
+        """
+        Process `images` (one image or a list; PIL, numpy or torch; paths and URLs are loaded) and/or `videos`
+        (one video or a list of videos, each a list of frames or a 4-D array). Keyword arguments override the
+        processor's settings for this call.
+        """
+        if images is None and videos is None:
+            raise ValueError("DimpleImageProcessor needs `images` or `videos`; both were None.")
+        data = {}
+        if images is not None:
+            data.update(super().preprocess(images, **kwargs))
+        if videos is not None:
+            data.update(self._preprocess_videos(videos, **kwargs))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _preprocess_videos(self, videos, **kwargs) -> dict:
+        if any(isinstance(video, str) for video in _as_list(videos)):
+            raise ValueError(
+                "`videos` must hold decoded frames (a list of images or a [T, H, W, C] array per video), not paths; "
+                "decode the file first, e.g. with `transformers.video_utils.load_video`."
+            )
+        videos = make_batched_videos(videos)
+        frames = [frame for video in videos for frame in video]
+        # The frames run through the parent's pipeline; `_preprocess` regroups them per video.
+        video_lengths = [len(video) for video in videos]
+        out = super().preprocess(frames, image_like_kwargs={"video_lengths": video_lengths}, **kwargs)
+        return {"pixel_values_videos": out["pixel_values"], "video_grid_thw": out["image_grid_thw"]}
+
+    def process_image(self, image, *args, patch_size=None, merge_size=None, **kwargs) -> np.ndarray:
+        _check_not_empty(image)
+        _check_channel_layout(image)
+        array = super().process_image(image, *args, **kwargs)
+        _check_geometry(array, min_side=(patch_size or self.patch_size) * (merge_size or self.merge_size))
+        return array
+
+    def _preprocess(self, images, *args, video_lengths=None, **kwargs) -> BatchFeature:
+        if video_lengths is None:
+            return super()._preprocess(images, *args, **kwargs)
+        return self._preprocess_video_frames(images, video_lengths, **kwargs)
+
+    def _preprocess_video_frames(
+        self,
+        frames,
+        video_lengths,
+        do_resize,
+        size,
+        resample,
+        do_rescale,
+        rescale_factor,
+        do_normalize,
+        image_mean,
+        image_std,
+        patch_size,
+        temporal_patch_size,
+        merge_size,
+        **kwargs,
+    ) -> BatchFeature:
+        factor = patch_size * merge_size
+        processed = []
+        for frame in frames:
+            # All frames of one video have the same size, so smart_resize picks the same target for each of them.
+            if do_resize:
+                frame = self.resize(frame, size=size, resample=resample, factor=factor)
+            if do_rescale:
+                frame = self.rescale(frame, rescale_factor)
+            if do_normalize:
+                frame = self.normalize(frame, image_mean, image_std)
+            processed.append(frame)
+
+        all_patches, all_grids, start = [], [], 0
+        for length in video_lengths:
+            video = np.stack(processed[start : start + length])
+            start += length
+            patches, grid = _patchify_video(video, patch_size, merge_size, temporal_patch_size)
+            all_patches.append(patches)
+            all_grids.append(grid)
+        data = {"pixel_values": np.concatenate(all_patches), "image_grid_thw": np.array(all_grids, dtype=np.int64)}
+        return BatchFeature(data)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Saved under the names the released preprocessor_config.json uses.
+        output["min_pixels"] = self.size.shortest_edge
+        output["max_pixels"] = self.size.longest_edge
+        return output
+
+
+def _translate_released_size(kwargs: dict) -> dict:
+    """Map the released `size={"min_pixels", "max_pixels"}` layout onto the `min_pixels` / `max_pixels` kwargs."""
+    size = kwargs.get("size")
+    if not isinstance(size, dict) or not ({"min_pixels", "max_pixels"} & size.keys()):
+        return kwargs
+    kwargs = dict(kwargs)
+    for key in ("min_pixels", "max_pixels"):
+        if key in size:
+            kwargs.setdefault(key, size[key])
+    rest = {k: v for k, v in size.items() if k not in ("min_pixels", "max_pixels")}
+    kwargs["size"] = rest or None
+    return kwargs
+
+
+def _as_list(videos) -> list:
+    return list(videos) if isinstance(videos, (list, tuple)) else [videos]
+
+
+def _check_not_empty(image) -> None:
+    shape = (image.height, image.width) if get_image_type(image) == ImageType.PIL else tuple(image.shape)
+    if 0 in shape:
+        raise ValueError("Got an empty image (0 pixels); every image and video frame needs at least 28 x 28 pixels.")
+
+
+def _check_channel_layout(image) -> None:
+    """Arrays must be [H, W, C] or [C, H, W] with 1, 3 or 4 channels, or [H, W]; anything else is ambiguous."""
+    if get_image_type(image) == ImageType.PIL or image.ndim == 2:
+        return
+    if image.ndim != 3 or not ({image.shape[0], image.shape[-1]} & {1, 3, 4}):
+        raise ValueError(
+            f"Cannot read an image array of shape {tuple(image.shape)}: expected [H, W, C] or [C, H, W] with C = 3 "
+            "(RGB), or 1 / 4 channels to be converted to RGB."
+        )
+
+
+def _check_geometry(array: np.ndarray, min_side: int) -> None:
+    """`array` is channels-first, after the RGB conversion."""
+    channels, height, width = array.shape
+    if channels != 3:
+        raise ValueError(
+            f"Dimple's vision tower takes RGB images, got {channels} channel(s). Keep `do_convert_rgb=True` or "
+            "convert the image first (PIL: `image.convert('RGB')`)."
+        )
+    if height < min_side or width < min_side:
+        raise ValueError(
+            f"Image of height {height} and width {width} is too small: both sides must be at least {min_side} pixels. "
+            "Pad or upscale it first."
+        )
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"Image of height {height} and width {width} has an aspect ratio above {MAX_ASPECT_RATIO}; "
+            "crop or pad it first."
+        )
+
+
+def _patchify_video(video: np.ndarray, patch_size: int, merge_size: int, temporal_patch_size: int):
+    """[T, C, H, W] -> ([gt * gh * gw, C * tp * p * p], (gt, gh, gw)), rows in merge-block order like images."""
+    remainder = video.shape[0] % temporal_patch_size
+    if remainder:
+        # Pad the clip to whole temporal patches by repeating its last frame.
+        repeats = np.repeat(video[-1:], temporal_patch_size - remainder, axis=0)
+        video = np.concatenate([video, repeats])
+    frames, channels, height, width = video.shape
+    grid_t, grid_h, grid_w = frames // temporal_patch_size, height // patch_size, width // patch_size
+    patches = video.reshape(
+        grid_t,
+        temporal_patch_size,
+        channels,
+        grid_h // merge_size,
+        merge_size,
+        patch_size,
+        grid_w // merge_size,
+        merge_size,
+        patch_size,
+    )
+    patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    return flat.astype(np.float32), (grid_t, grid_h, grid_w)
+
+
+DimpleImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["DimpleImageProcessor"]

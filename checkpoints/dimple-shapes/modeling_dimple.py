@@ -1,0 +1,421 @@
+"""Dimple: a discrete-diffusion multimodal LLM (arXiv 2505.16990) on transformers 5.x.
+
+The vision tower and the decoder layers are transformers' own Qwen2.5-VL modules, loaded under Dimple's parameter
+names. What is Dimple's own lives here: the image projector, the bidirectional attention mask (with an identity term
+so padded rows never see an empty row), the multimodal RoPE index without video time scaling, and the glue.
+Generation (`diffusion_generate`, and `generate` as autoregressive decoding) comes from `generation_utils.py`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLTextModel,
+)
+
+try:
+    from .configuration_dimple import DimpleConfig, DimpleVisionConfig
+    from .generation_utils import DimpleGenerationMixin
+except ImportError:  # imported from the repository root rather than as remote code
+    from configuration_dimple import DimpleConfig, DimpleVisionConfig
+    from generation_utils import DimpleGenerationMixin
+
+
+@dataclass
+class DimpleCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss: shifted next-token cross-entropy over `labels != -100` (position i predicts token i + 1).
+        logits: `[batch, kept positions, vocab]`; position i scores the token at i + 1.
+        past_key_values: the key/value cache, when `use_cache=True`.
+        hidden_states / attentions: per-layer outputs when requested.
+        rope_deltas: `[batch, 1]`, multimodal-RoPE position minus sequence index for tokens after the last image.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    rope_deltas: torch.LongTensor | None = None
+
+
+class DimpleImageProjector(nn.Module):
+    """Linear -> activation -> Linear, applied after the vision merger (which already outputs the LM width)."""
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__()
+        in_features = config.vision_config.out_hidden_size
+        self.linear_1 = nn.Linear(in_features, config.hidden_size, bias=True)
+        self.act = ACT2FN[config.hidden_act]
+        self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class DimplePreTrainedModel(PreTrainedModel):
+    config_class = DimpleConfig
+    config: DimpleConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    # The stock `_init_weights` recomputes both rotary `inv_freq` tables (LM: theta 1e6, dim 128; ViT: theta 1e4,
+    # dim 40), which `from_pretrained` otherwise leaves as uninitialised memory after building on the meta device.
+
+
+def attention_mask_4d(
+    attention_mask: torch.Tensor, query_positions: torch.Tensor, bidirectional: bool
+) -> torch.Tensor:
+    """Boolean `[B, 1, q, k]` mask (True = may attend) from a 2-D 0/1 padding mask over all keys.
+
+    Real tokens see every real token (bidirectional) or every earlier real token (causal). Every query also sees
+    itself, so a padded row is never empty: that keeps SDPA free of NaN in both modes.
+    """
+    keys = attention_mask.bool()
+    queries = keys[:, query_positions]
+    key_index = torch.arange(keys.shape[1], device=keys.device)
+    visible = queries[:, :, None] & keys[:, None, :]
+    if not bidirectional:
+        visible &= key_index[None, None, :] <= query_positions[None, :, None]
+    visible |= key_index[None, None, :] == query_positions[None, :, None]
+    return visible[:, None]
+
+
+def vision_token_positions(
+    grid_thw: torch.Tensor, merge_size: int, start: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """(t, h, w) M-RoPE indices of one image/video block, offset by `start`; also returns the next free index."""
+    t, h, w = (int(v) for v in grid_thw)
+    h, w = h // merge_size, w // merge_size
+    grid = torch.stack(
+        torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    ).reshape(3, -1)
+    positions = grid.to(device) + start
+    return positions, int(positions.max()) + 1
+
+
+class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixin):
+    """Dimple: vision tower (`visual`), projector (`img_projector`), bidirectional decoder (`model`), `lm_head`.
+
+    Outputs logits at every kept position; the logit at position i scores the token at i + 1 (Dream's AR
+    initialisation). Use `diffusion_generate` to answer, or `generate` for plain autoregressive decoding.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: DimpleConfig):
+        super().__init__(config)
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
+        self.img_projector = DimpleImageProjector(config)
+        # Constructed directly (not `_from_config`) so the decoder shares this config object.
+        self.model = Qwen2_5_VLTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ----------------------------------------------------------------------------------------------- vision
+
+    def _encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, name: str) -> torch.Tensor:
+        if grid_thw is None:
+            grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
+            raise ValueError(f"`{name}` was given without `{grid_name}`; pass both (the processor returns both).")
+        patches = int(grid_thw.prod(-1).sum())
+        if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
+            raise ValueError(
+                f"`{name}` has shape {tuple(pixel_values.shape)}, but its grid describes {patches} patches; "
+                "expected [num_patches, channels * temporal_patch * patch * patch] as the processor returns it."
+            )
+        pixel_values = pixel_values.to(self.visual.dtype)
+        features = self.visual(pixel_values, grid_thw=grid_thw).pooler_output
+        return self.img_projector(features.to(self.lm_head.weight.dtype))
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: `[sum of t*h*w/4 over images, hidden_size]`, in `<|image_pad|>` order."""
+        return self._encode_visual(pixel_values, image_grid_thw, "pixel_values")
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
+        return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+
+    def _scatter_features(self, embeds, input_ids, token_id, features, name):
+        slots = input_ids == token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(
+                f"The prompt holds {int(slots.sum())} {name} placeholder tokens (id {token_id}) but the {name}s "
+                f"give {features.shape[0]} feature rows. Build the prompt with the processor, which expands each "
+                f"placeholder to t*h*w/{self.config.vision_config.spatial_merge_size ** 2} copies."
+            )
+        return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------------- positions
+
+    def get_rope_index(
+        self,
+        input_ids: torch.LongTensor,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Multimodal RoPE positions `[3, B, S]` and `rope_deltas` `[B, 1]` (Qwen2-VL rules, no video time scaling).
+
+        Text gets the same index in all three components; an image block gets (t, h, w) grid indices offset by the
+        text before it, and text after it continues from the block's largest index + 1. Padding gets position 1.
+        Grids are consumed in order across the whole batch. `rope_deltas` = (largest position + 1) - S, so a token
+        appended at sequence index j later sits at j + delta.
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device)
+        if image_grid_thw is None and video_grid_thw is None:
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            deltas = positions.max(-1, keepdim=True).values + 1 - length
+            return positions[None].expand(3, -1, -1).clone(), deltas
+
+        merge = self.config.vision_config.spatial_merge_size
+        grids = {
+            self.config.image_token_id: iter(image_grid_thw if image_grid_thw is not None else []),
+            self.config.video_token_id: iter(video_grid_thw if video_grid_thw is not None else []),
+        }
+        positions = torch.ones(3, batch, length, dtype=torch.long, device=device)
+        deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        for b in range(batch):
+            real = attention_mask[b] == 1
+            ids = input_ids[b][real].tolist()
+            chunks, cursor, start = [], 0, 0
+            starts = [i + 1 for i, tok in enumerate(ids[:-1]) if tok == self.config.vision_start_token_id]
+            for block_start in starts:
+                kind = ids[block_start]
+                if kind not in grids:
+                    continue
+                try:
+                    grid = next(grids[kind])
+                except StopIteration:
+                    name = "image_grid_thw" if kind == self.config.image_token_id else "video_grid_thw"
+                    raise ValueError(f"The prompts hold more vision blocks than `{name}` has rows.") from None
+                text = block_start - cursor
+                chunks.append(torch.arange(text, device=device).expand(3, -1) + start)
+                block, start = vision_token_positions(grid, merge, start + text, device)
+                chunks.append(block)
+                cursor = block_start + block.shape[1]
+            chunks.append(torch.arange(len(ids) - cursor, device=device).expand(3, -1) + start)
+            row = torch.cat(chunks, dim=1)
+            if row.shape[1] != len(ids):
+                raise ValueError(
+                    f"Sample {b}: the vision placeholder runs do not match their grids "
+                    f"({row.shape[1]} positions for {len(ids)} tokens)."
+                )
+            positions[:, b, real] = row
+            deltas[b] = int(row.max()) + 1 - length
+        return positions, deltas
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is None or attention_mask.ndim == 4:
+            return
+        if attention_mask.ndim != 2:
+            raise ValueError(
+                f"`attention_mask` must be 2-D [batch, keys] of 0/1 or a 4-D mask, got shape "
+                f"{tuple(attention_mask.shape)}."
+            )
+        if attention_mask.shape != (batch, past_length + length):
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected ({batch}, {past_length + length}):"
+                f" one row per sample and one column per cached and current token."
+            )
+
+    def _decoder_mask(self, attention_mask, batch, past_length, query_positions, dtype, device):
+        """The mask in the form the configured attention implementation wants."""
+        impl = self.config._attn_implementation
+        if impl is not None and impl.startswith("flash_attention"):
+            for layer in self.model.layers:
+                layer.self_attn.is_causal = not self.config.full_attn_mask
+            return attention_mask  # flash kernels take the 2-D padding mask (or None) and handle unpadding
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + len(query_positions), dtype=torch.long, device=device)
+        if attention_mask.ndim == 4:
+            mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
+        else:
+            mask = attention_mask_4d(attention_mask.to(device), query_positions, self.config.full_attn_mask)
+        if impl == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        rope_deltas: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_features: torch.Tensor | None = None,
+        video_features: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> DimpleCausalLMOutputWithPast | tuple:
+        r"""
+        Args:
+            input_ids (`[B, S]`): token ids; `<|image_pad|>` / `<|video_pad|>` slots receive the vision features.
+            attention_mask (`[B, past + S]` of 0/1, or a 4-D mask used as given): defaults to all ones.
+            position_ids (`[3, B, S]`): M-RoPE positions; computed with `get_rope_index` when omitted (or, when a
+                non-empty cache is given, as sequence index + `rope_deltas`; the current tokens follow the cached ones).
+            pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
+            image_features / video_features: precomputed `get_image_features` / `get_video_features` outputs, which
+                skip the vision tower (diffusion decoding encodes images once and reuses them every step).
+            labels (`[B, S]`): next-token targets (-100 = ignored). The loss is the summed cross-entropy of
+                `logits[:, :-1]` against `labels[:, 1:]`, divided by `num_items_in_batch` (the Trainer passes the
+                count over the gradient-accumulation window) or else by the number of scored tokens. A batch with no
+                scored token gives loss 0, never NaN. With diffusion-masked inputs and labels kept only on masked
+                slots this same loss is the diffusion objective.
+            logits_to_keep (`int` or 1-D `LongTensor`): compute logits for the last k positions only (0 = all) or
+                for the given sequence indices.
+        """
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+
+        if pixel_values is not None and image_features is None:
+            image_features = self.get_image_features(pixel_values, image_grid_thw)
+        if pixel_values_videos is not None and video_features is None:
+            video_features = self.get_video_features(pixel_values_videos, video_grid_thw)
+        if image_features is not None or video_features is not None:
+            if input_ids is None:
+                raise ValueError("Vision inputs need `input_ids` to locate their placeholder tokens.")
+            if image_features is not None:
+                inputs_embeds = self._scatter_features(
+                    inputs_embeds, input_ids, self.config.image_token_id, image_features, "image"
+                )
+            if video_features is not None:
+                inputs_embeds = self._scatter_features(
+                    inputs_embeds, input_ids, self.config.video_token_id, video_features, "video"
+                )
+
+        # Absolute indices of the current tokens: they follow the cached ones.
+        query_positions = torch.arange(past_length, past_length + length, device=device)
+        if position_ids is None:
+            position_ids, rope_deltas = self._default_positions(
+                input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
+            )
+        mask = self._decoder_mask(attention_mask, batch, past_length, query_positions, inputs_embeds.dtype, device)
+
+        decoder_out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask={"full_attention": mask},
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden = decoder_out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        else:
+            hidden = hidden[:, logits_to_keep.to(device)]
+        logits = self.lm_head(hidden)
+
+        loss = None
+        if labels is not None:
+            loss = self.next_token_loss(logits, labels, num_items_in_batch)
+
+        output = DimpleCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=decoder_out.past_key_values,
+            hidden_states=decoder_out.hidden_states,
+            attentions=decoder_out.attentions,
+            rope_deltas=rope_deltas,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _default_positions(
+        self, input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
+    ):
+        if query_positions[0] == 0:
+            if input_ids is None:
+                raise ValueError("Pass `position_ids` when calling the model with `inputs_embeds`.")
+            mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+            return self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, mask_2d)
+        if rope_deltas is None:
+            raise ValueError(
+                "With a non-empty cache, pass `rope_deltas` (returned by the first forward) or `position_ids`: "
+                "positions after an image depend on the image grid, which the cache does not record."
+            )
+        positions = query_positions[None, :] + rope_deltas.to(query_positions.device)
+        return positions[None].expand(3, batch, -1), rope_deltas
+
+    @staticmethod
+    def next_token_loss(logits, labels, num_items_in_batch=None):
+        """Sum of CE(logits[:, i], labels[:, i + 1]) over scored tokens, divided by the item count (fp32)."""
+        targets = labels[:, -logits.shape[1] + 1 :].to(logits.device) if logits.shape[1] > 1 else labels[:, :0]
+        losses = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            reduction="sum",
+        )
+        if num_items_in_batch is None:
+            num_items_in_batch = (targets != -100).sum()
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(losses.device).clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)
+        return losses / num_items_in_batch
+
+
+# The released checkpoint's config.json names `modeling_dimple.DimpleModel` in its auto_map.
+DimpleModel = DimpleForConditionalGeneration
+
+DimpleConfig.register_for_auto_class()
+DimpleForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "DimpleConfig",
+    "DimpleVisionConfig",
+    "DimplePreTrainedModel",
+    "DimpleForConditionalGeneration",
+    "DimpleModel",
+    "DimpleImageProjector",
+]
