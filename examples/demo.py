@@ -14,6 +14,7 @@ alg "origin", threshold 0.95, prefill cache). On a GPU the model runs in bfloat1
 """
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -156,8 +157,6 @@ def main(argv=None):
     if args.image:
         image = Image.open(args.image).convert("RGB")
     else:
-        import random
-
         image = render(random_scene(random.Random(args.seed)))
         image_path = args.output.parent / "demo_image.png"
         image.save(image_path)
