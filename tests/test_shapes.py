@@ -90,3 +90,14 @@ def test_training_script_smoke_run(tmp_path):
     model = AutoModel.from_pretrained(tmp_path / "smoke", trust_remote_code=True)
     assert model.generation_config.max_new_tokens == model.generation_config.steps
     assert (tmp_path / "smoke" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py",
+     "image_processing_dimple.py"],
+)  # fmt: skip
+def test_checkpoint_code_is_the_repository_code(module):
+    """The checkpoint carries copies of the remote code; they must not drift from the package (copy them on change)."""
+    repo_root = CHECKPOINT.parents[1]
+    assert (CHECKPOINT / module).read_text() == (repo_root / module).read_text()
