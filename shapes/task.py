@@ -1,4 +1,4 @@
-"""Synthetic visual question answering: coloured shapes on a plain background, deterministic from a seed.
+"""Synthetic visual question answering: coloured shapes on a shaded background, deterministic from a seed.
 
 Each 84x84 image holds 1-3 non-overlapping shapes (circle, square, triangle in one of six colours), one per
 horizontal third (left, middle, right), each centred in a cell of a 3 x 3 grid at a random height. 84 px is a
@@ -12,10 +12,14 @@ structure-prior template pins) or a description; answers run from 1 to 26 tokens
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 84
-BACKGROUND = (245, 245, 240)
+# The background shades from dark grey on the left to near white on the right. The vision tower only knows relative
+# (rotary) positions, so on a flat background a vision token cannot tell where it lies (a model trained that way
+# never learnt left / middle / right); the shade around a shape tells its column, as surroundings do in a photograph.
+BACKGROUND_LEFT, BACKGROUND_RIGHT = 110, 250
 COLORS = {
     "red": (215, 40, 40),
     "green": (40, 160, 60),
@@ -85,7 +89,8 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def render(scene: Scene) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    ramp = np.linspace(BACKGROUND_LEFT, BACKGROUND_RIGHT, IMAGE_SIZE).round().astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp[None, :, None], (IMAGE_SIZE, IMAGE_SIZE, 3))))
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         half = shape.size // 2

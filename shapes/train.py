@@ -72,8 +72,8 @@ def diffusion_padding(rule: str) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Checkpoint folder to write.")
-    parser.add_argument("--ar-steps", type=int, default=1600, help="Optimizer steps of stage A.")
-    parser.add_argument("--diffusion-steps", type=int, default=1400, help="Optimizer steps of stage B.")
+    parser.add_argument("--ar-steps", type=int, default=1800, help="Optimizer steps of stage A.")
+    parser.add_argument("--diffusion-steps", type=int, default=1600, help="Optimizer steps of stage B.")
     parser.add_argument("--diffusion-only", action="store_true", help="Skip stage A; stage B gets its steps.")
     parser.add_argument(
         "--diffusion-padding", choices=("fixed", "dynamic"), default="fixed",
