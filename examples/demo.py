@@ -69,7 +69,7 @@ def decoding_options(model) -> dict:
     return dict(RELEASED_CHAT)
 
 
-def answer(model, processor, image, question, options, template=None) -> dict:
+def answer(model, processor, image, question, options, template=None, note=None) -> dict:
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
@@ -84,6 +84,7 @@ def answer(model, processor, image, question, options, template=None) -> dict:
     return {
         "question": question,
         "template": template,
+        "note": note,
         "answer": processor.post_process_answer(output.sequences[0, prompt_length:]),
         "passes": int(output.num_forward_passes[0]),
         "committed": output.tokens_per_step[0].tolist(),
@@ -97,7 +98,7 @@ def answer(model, processor, image, question, options, template=None) -> dict:
 
 
 def print_result(result):
-    print(f"\nQ: {result['question']}")
+    print(f"\nQ: {result['question']}" + (f"   [{result['note']}]" if result["note"] else ""))
     if result["template"]:
         print(f"   structure prior: {result['template']}")
     print(f"   start   {result['start']}")
@@ -119,7 +120,8 @@ def figure_lines(results: list[dict]) -> list[tuple[str, tuple]]:
     """(text, colour) rows: per question its title, the starting canvas, the canvas after each step, the pass count."""
     lines = []
     for result in results:
-        title = f"Q: {result['question']}" + (f"   [structure prior {result['template']}]" if result["template"] else "")
+        title = f"Q: {result['question']}" + (f"   [{result['note']}]" if result["note"] else "")
+        title += f"   [structure prior {result['template']}]" if result["template"] else ""
         lines.append((title, (0, 0, 0)))
         lines.append((f"start          {result['start']}", (120, 120, 120)))
         for step, (text, count) in enumerate(zip(result["steps"], result["committed"]), 1):
@@ -164,6 +166,11 @@ def main(argv=None):
 
     questions = args.question or (SHAPES_QUESTIONS if shapes_model else GENERIC_QUESTIONS)
     results = [answer(model, processor, image, q, options) for q in questions]
+    if shapes_model and not args.question:
+        # The trained model is confident enough to fill a whole description in one or two passes; a fixed schedule
+        # of 8 steps (4 slots each, the most confident first) shows the canvas filling in.
+        fixed = dict(options, steps=8, alg_p_threshold=None)
+        results.insert(1, answer(model, processor, image, questions[0], fixed, note="8 fixed steps, no threshold"))
     if args.template:
         results[-1] = answer(model, processor, image, questions[-1], options, args.template)
     elif not args.question:

@@ -45,20 +45,22 @@ def test_heldout_split_is_disjoint_from_training():
 
 
 def test_checkpoint_answers_heldout_questions(shapes_dimple):
-    """Regression floor for the shipped checkpoint: 24/50 here, 53.4 % on the 500 held-out questions.
+    """Regression floor for the shipped checkpoint: 45/50 here, 93.4 % on the 500 held-out questions.
 
-    Issue 6 targets >= 95 %; this checkpoint does not reach it (it has not learnt left/middle/right), which the
-    README reports. The floor catches a broken model, loader or decoder; raise it with a better checkpoint.
+    Issue 6 targets >= 95 %; this checkpoint falls short (it sometimes picks the wrong one of several shapes named by
+    kind or colour), which the README reports. The floor catches a broken model, loader or decoder.
     """
     model, processor = shapes_dimple
     examples = heldout_examples(50)
     answers, _ = ask(model, processor, examples)  # the checkpoint's own settings: confident decoding
     correct = sum(a == e.answer for a, e in zip(answers, examples))
-    assert correct >= 20, [(e.question, e.answer, a) for a, e in zip(answers, examples) if a != e.answer]
+    assert correct >= 44, [(e.question, e.answer, a) for a, e in zip(answers, examples) if a != e.answer]
     by_kind = {}
     for answer, example in zip(answers, examples):
         by_kind.setdefault(example.kind, []).append(answer == example.answer)
-    assert all(by_kind["count"]), "counting is learnt (97 % on the full held-out set)"
+    # Learnt almost perfectly on the full held-out set (count 96 %, attributes 100 %, descriptions 99 %).
+    for kind in ("count", "attributes", "description"):
+        assert all(by_kind[kind]), kind
 
 
 def test_confident_decoding_commits_several_tokens_per_pass(shapes_dimple):
