@@ -31,7 +31,14 @@ from transformers import AutoModel, AutoProcessor
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from shapes.task import ATTRIBUTES_TEMPLATE, QUESTION_TYPES, heldout_examples, messages, render  # noqa: E402
+from shapes.task import (  # noqa: E402
+    ATTRIBUTES_TEMPLATE,
+    QUESTION_TYPES,
+    heldout_examples,
+    messages,
+    render,
+    validation_examples,
+)
 
 DEFAULT_MODEL = REPO_ROOT / "checkpoints" / "dimple-shapes"
 ATTRIBUTES_FORMAT = re.compile(r"Color: \w+ Shape: \w+")
@@ -168,7 +175,11 @@ def markdown_table(results: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Checkpoint folder (or Hub id).")
-    parser.add_argument("--questions", type=int, default=500, help="Held-out questions to ask.")
+    parser.add_argument("--questions", type=int, default=500, help="Questions to ask.")
+    parser.add_argument(
+        "--split", choices=("heldout", "validation"), default="heldout",
+        help="Report on held-out questions, or choose between recipes on validation ones (same distribution).",
+    )
     parser.add_argument("--settings", nargs="*", help="Names of the settings to run (default: all).")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--json", type=Path, help="Also write the results to this JSON file.")
@@ -187,7 +198,7 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"unknown settings {sorted(unknown)}; choose from {[s.name for s in settings]}")
         settings = [s for s in settings if s.name in args.settings]
-    examples = heldout_examples(args.questions)
+    examples = (heldout_examples if args.split == "heldout" else validation_examples)(args.questions)
     results = []
     for setting in settings:
         result = evaluate(model, processor, examples, setting, args.batch_size)
@@ -196,7 +207,7 @@ def main(argv=None):
         print(f"{setting.name}: EM {100 * result['exact_match']:.1f}% ({by_type}); "
               f"passes/token {result['passes_per_answer_token']:.3f}; {result['seconds']:.0f} s", flush=True)
     print()
-    print(f"model: {args.model}; {len(examples)} held-out questions; N = steps = {n}")
+    print(f"model: {args.model}; {len(examples)} {args.split} questions; N = steps = {n}")
     print(markdown_table(results))
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "results": results}, indent=1) + "\n")

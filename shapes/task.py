@@ -177,18 +177,27 @@ def make_examples(seed: int, count: int, kinds=QUESTION_TYPES, exclude: frozense
     return examples
 
 
-# Fixed seeds: the held-out split never shares an (image, question) pair with training (checked by key).
+# Fixed seeds: the held-out split never shares an (image, question) pair with training or validation (checked by
+# key). Validation is for choosing between recipes; held-out is for reporting the chosen one.
 TRAIN_SEED = 0
 HELDOUT_SEED = 10_000
+VALIDATION_SEED = 20_000
 
 
 def heldout_examples(count: int = 500) -> list[Example]:
     return make_examples(HELDOUT_SEED, count)
 
 
+def _heldout_keys(count: int) -> frozenset:
+    return frozenset(example.key() for example in heldout_examples(count))
+
+
+def validation_examples(count: int = 500, heldout_count: int = 500) -> list[Example]:
+    return make_examples(VALIDATION_SEED, count, exclude=_heldout_keys(heldout_count))
+
+
 def train_examples(count: int, seed: int = TRAIN_SEED, heldout_count: int = 500) -> list[Example]:
-    exclude = frozenset(example.key() for example in heldout_examples(heldout_count))
-    return make_examples(seed, count, exclude=exclude)
+    return make_examples(seed, count, exclude=_heldout_keys(heldout_count))
 
 
 def messages(example_or_question, with_answer: bool = False) -> list[dict]:

@@ -16,6 +16,7 @@ from shapes.task import (
     messages,
     render,
     train_examples,
+    validation_examples,
 )
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "dimple-shapes"
@@ -37,10 +38,11 @@ def ask(model, processor, examples, **options):
     return processor.post_process_answer(output.sequences[:, inputs["input_ids"].shape[1] :]), output
 
 
-def test_heldout_split_is_disjoint_from_training():
+def test_heldout_split_is_disjoint_from_training_and_validation():
     heldout = {e.key() for e in heldout_examples(500)}
     assert len(heldout) == 500
     assert not heldout & {e.key() for e in train_examples(2000)}
+    assert not heldout & {e.key() for e in validation_examples(500)}
     assert heldout_examples(5) == heldout_examples(5)  # deterministic from the seed
 
 
