@@ -6,7 +6,9 @@
 
 Metrics per setting, over the held-out split (never seen in training):
 
-* exact match: the decoded answer (trailing `<|endoftext|>` pads stripped) equals the reference string;
+* exact match: the decoded answer (trailing `<|endoftext|>` pads stripped) equals the reference string; also by
+  question type, and on the "binding" questions (`task.needs_binding`: one of several shapes named by its kind or
+  colour, where reading another shape gives another answer);
 * passes / answer token: forward passes summed over questions, divided by the answer tokens produced (non-pad);
   autoregressive decoding needs 1.0, the paper reports about 1/3 for confident decoding;
 * passes / answer: the mean number of forward passes per question;
@@ -36,6 +38,7 @@ from shapes.task import (  # noqa: E402
     QUESTION_TYPES,
     heldout_examples,
     messages,
+    needs_binding,
     render,
     validation_examples,
 )
@@ -139,6 +142,7 @@ def evaluate(model, processor, examples, setting: Setting, batch_size: int = 50)
         kind: sum(c for c, e in zip(correct, ordered) if e.kind == kind) / max(1, sum(e.kind == kind for e in ordered))
         for kind in QUESTION_TYPES if any(e.kind == kind for e in ordered)
     }
+    binding = [c for c, e in zip(correct, ordered) if needs_binding(e)]
     result = {
         "setting": setting.name,
         "description": setting.description,
@@ -149,6 +153,9 @@ def evaluate(model, processor, examples, setting: Setting, batch_size: int = 50)
         "length_error": sum(abs(a - b) for a, b in zip(tokens, reference_tokens)) / len(ordered),
         "seconds": round(seconds, 1),
         "exact_match_by_type": per_type,
+        # Questions that name one of several shapes by kind or colour, where picking another shape is wrong.
+        "exact_match_binding": sum(binding) / max(1, len(binding)),
+        "binding_questions": len(binding),
         "errors": [(e.question, e.answer, t) for t, e, c in zip(texts, ordered, correct) if not c][:10],
     }
     if setting.template:
@@ -204,8 +211,8 @@ def main(argv=None):
         result = evaluate(model, processor, examples, setting, args.batch_size)
         results.append(result)
         by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["exact_match_by_type"].items())
-        print(f"{setting.name}: EM {100 * result['exact_match']:.1f}% ({by_type}); "
-              f"passes/token {result['passes_per_answer_token']:.3f}; {result['seconds']:.0f} s", flush=True)
+        print(f"{setting.name}: EM {100 * result['exact_match']:.1f}% ({by_type}; "
+              f"{result['binding_questions']} binding {100 * result['exact_match_binding']:.0f}%); passes/token {result['passes_per_answer_token']:.3f}; {result['seconds']:.0f} s", flush=True)
     print()
     print(f"model: {args.model}; {len(examples)} {args.split} questions; N = steps = {n}")
     print(markdown_table(results))

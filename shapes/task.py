@@ -66,6 +66,7 @@ class Example:
     kind: str  # one of QUESTION_TYPES
     question: str
     answer: str
+    named: Shape | None = None  # the shape the question singles out by its kind or colour (not by its place)
 
     def key(self) -> tuple:
         return self.scene.signature(), self.question
@@ -128,32 +129,32 @@ def unique(scene: Scene, attribute: str, value: str) -> bool:
     return sum(getattr(s, attribute) == value for s in scene.shapes) == 1
 
 
-def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
-    """One (question, answer) of the given type about the scene."""
+def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str, Shape | None]:
+    """One (question, answer, shape named by kind or colour) of the given type about the scene."""
     shape = rng.choice(scene.shapes)
     where = location_phrase(shape.position)
     if kind == "color":
         if unique(scene, "kind", shape.kind) and rng.random() < 0.5:
-            return f"What color is the {shape.kind}?", shape.color
-        return f"What color is the shape {where}?", shape.color
+            return f"What color is the {shape.kind}?", shape.color, shape
+        return f"What color is the shape {where}?", shape.color, None
     if kind == "shape":
         if unique(scene, "color", shape.color) and rng.random() < 0.5:
-            return f"What shape is the {shape.color} object?", shape.kind
-        return f"What shape is {where}?", shape.kind
+            return f"What shape is the {shape.color} object?", shape.kind, shape
+        return f"What shape is {where}?", shape.kind, None
     if kind == "count":
         if rng.random() < 0.5:
-            return "How many shapes are there?", NUMBERS[len(scene.shapes)]
+            return "How many shapes are there?", NUMBERS[len(scene.shapes)], None
         target = rng.choice(SHAPES)
-        return f"How many {target}s are there?", NUMBERS[sum(s.kind == target for s in scene.shapes)]
+        return f"How many {target}s are there?", NUMBERS[sum(s.kind == target for s in scene.shapes)], None
     if kind == "position":
         options = [f"Where is the {shape.kind}?"] if unique(scene, "kind", shape.kind) else []
         if sum((s.color, s.kind) == (shape.color, shape.kind) for s in scene.shapes) == 1:
             options.append(f"Where is the {shape.color} {shape.kind}?")
-        return (rng.choice(options) if options else ""), where
+        return (rng.choice(options) if options else ""), where, shape
     if kind == "attributes":
-        return f"What are the color and shape of the object {where}?", attributes_answer(shape)
+        return f"What are the color and shape of the object {where}?", attributes_answer(shape), None
     if kind == "description":
-        return rng.choice(("Describe the image.", "What is in the picture?")), describe(scene)
+        return rng.choice(("Describe the image.", "What is in the picture?")), describe(scene), None
     raise ValueError(f"unknown question type {kind!r}")
 
 
@@ -161,9 +162,22 @@ def make_example(rng: random.Random, kinds=QUESTION_TYPES) -> Example:
     while True:
         scene = random_scene(rng)
         kind = rng.choice(kinds)
-        question, answer = ask(scene, kind, rng)
+        question, answer, named = ask(scene, kind, rng)
         if question:  # a position question needs a shape that a colour or kind singles out
-            return Example(scene, kind, question, answer)
+            return Example(scene, kind, question, answer, named)
+
+
+def needs_binding(example: Example) -> bool:
+    """The question names one of several shapes by kind or colour, and another shape would give another answer.
+
+    These are the questions a model cannot answer without finding the named shape ("What color is the circle?" next
+    to a blue square); guessing among the shapes gets about half of them right.
+    """
+    named = example.named
+    if named is None:
+        return False
+    asked = {"color": "color", "shape": "kind", "position": "column"}[example.kind]
+    return any(getattr(other, asked) != getattr(named, asked) for other in example.scene.shapes if other != named)
 
 
 def make_examples(seed: int, count: int, kinds=QUESTION_TYPES, exclude: frozenset = frozenset()) -> list[Example]:

@@ -12,8 +12,12 @@ from shapes.task import (
     ATTRIBUTES_TEMPLATE,
     COLORS,
     SHAPES,
+    Example,
+    Scene,
+    Shape,
     heldout_examples,
     messages,
+    needs_binding,
     render,
     train_examples,
     validation_examples,
@@ -44,6 +48,18 @@ def test_heldout_split_is_disjoint_from_training_and_validation():
     assert not heldout & {e.key() for e in train_examples(2000)}
     assert not heldout & {e.key() for e in validation_examples(500)}
     assert heldout_examples(5) == heldout_examples(5)  # deterministic from the seed
+
+
+def test_binding_questions_are_those_where_reading_another_shape_is_wrong():
+    circle, square = Shape("circle", "red", 0, 20, 14, 14), Shape("square", "blue", 2, 20, 70, 14)
+    red_square = Shape("square", "red", 2, 20, 70, 14)
+    two, same_color = Scene((circle, square)), Scene((circle, red_square))
+    assert needs_binding(Example(two, "color", "What color is the circle?", "red", circle))
+    assert not needs_binding(Example(same_color, "color", "What color is the circle?", "red", circle))
+    assert needs_binding(Example(same_color, "position", "Where is the circle?", "on the left", circle))
+    assert not needs_binding(Example(two, "color", "What color is the shape on the left?", "red"))
+    assert not needs_binding(Example(Scene((circle,)), "position", "Where is the circle?", "on the left", circle))
+    assert 0.1 < sum(map(needs_binding, heldout_examples(500))) / 500 < 0.3
 
 
 def test_checkpoint_answers_heldout_questions(shapes_dimple):
