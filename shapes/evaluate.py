@@ -211,8 +211,9 @@ def main(argv=None):
         result = evaluate(model, processor, examples, setting, args.batch_size)
         results.append(result)
         by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["exact_match_by_type"].items())
-        print(f"{setting.name}: EM {100 * result['exact_match']:.1f}% ({by_type}; "
-              f"{result['binding_questions']} binding {100 * result['exact_match_binding']:.0f}%); passes/token {result['passes_per_answer_token']:.3f}; {result['seconds']:.0f} s", flush=True)
+        binding = f"{result['binding_questions']} binding {100 * result['exact_match_binding']:.0f}%"
+        print(f"{setting.name}: EM {100 * result['exact_match']:.1f}% ({by_type}; {binding}); "
+              f"passes/token {result['passes_per_answer_token']:.3f}; {result['seconds']:.0f} s", flush=True)
     print()
     print(f"model: {args.model}; {len(examples)} {args.split} questions; N = steps = {n}")
     print(markdown_table(results))
