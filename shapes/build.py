@@ -100,10 +100,11 @@ def special_ids(tokenizer) -> dict:
     )
 
 
-def build_config(tokenizer) -> DimpleConfig:
+def build_config(tokenizer, **decoder_overrides) -> DimpleConfig:
     vocab_size = -(-len(tokenizer) // 64) * 64  # embedding rows padded to a multiple of 64, like Qwen's
     vision = dict(VISION, out_hidden_size=DECODER["hidden_size"])
-    return DimpleConfig(vocab_size=vocab_size, vision_config=vision, **DECODER, **special_ids(tokenizer))
+    decoder = {**DECODER, **decoder_overrides}
+    return DimpleConfig(vocab_size=vocab_size, vision_config=vision, **decoder, **special_ids(tokenizer))
 
 
 def build_model(config: DimpleConfig) -> DimpleForConditionalGeneration:

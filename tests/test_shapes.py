@@ -112,6 +112,14 @@ def test_training_script_smoke_run(tmp_path):
     assert (tmp_path / "smoke" / "tokenizer.json").exists()
 
 
+def test_binding_probe_runs_a_variant(capsys):
+    from shapes.binding_probe import main
+
+    main(["--steps", "2", "--every", "2", "--layers", "2", "--key-value-heads", "6"])
+    report = re.fullmatch(r"step 2: loss [\d.]+, binding ([\d.]+)%, vision norm \d+, \d+ s\n", capsys.readouterr().out)
+    assert report and 0 <= float(report.group(1)) <= 100
+
+
 @pytest.mark.parametrize(
     "module",
     ["configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py",
