@@ -171,7 +171,7 @@ def needs_binding(example: Example) -> bool:
     """The question names one of several shapes by kind or colour, and another shape would give another answer.
 
     These are the questions a model cannot answer without finding the named shape ("What color is the circle?" next
-    to a blue square); guessing among the shapes gets about half of them right.
+    to a blue square); answering about a random shape of the scene gets 44 % of the validation ones right.
     """
     named = example.named
     if named is None:
