@@ -97,6 +97,11 @@ def answer(model, processor, image, question, options, template=None, note=None)
     }
 
 
+def passes(result) -> str:
+    count = result["passes"]
+    return f"{count} forward pass" + ("" if count == 1 else "es")
+
+
 def print_result(result):
     print(f"\nQ: {result['question']}" + (f"   [{result['note']}]" if result["note"] else ""))
     if result["template"]:
@@ -105,7 +110,7 @@ def print_result(result):
     for step, (text, count) in enumerate(zip(result["steps"], result["committed"]), 1):
         print(f"   step {step:2d} (+{count:2d} tokens) {text}")
     print(f"A: {result['answer']}")
-    print(f"   {result['passes']} forward passes ({result['seconds']:.2f} s)")
+    print(f"   {passes(result)} ({result['seconds']:.2f} s)")
 
 
 def figure_font(size: int):
@@ -126,7 +131,7 @@ def figure_lines(results: list[dict]) -> list[tuple[str, tuple]]:
         lines.append((f"start          {result['start']}", (120, 120, 120)))
         for step, (text, count) in enumerate(zip(result["steps"], result["committed"]), 1):
             lines.append((f"step {step:2d} (+{count:2d})  {text}", (20, 60, 160)))
-        lines.append((f"A: {result['answer']}   ({result['passes']} forward passes)", (0, 120, 0)))
+        lines.append((f"A: {result['answer']}   ({passes(result)})", (0, 120, 0)))
         lines.append(("", (0, 0, 0)))
     return lines
 

@@ -1,6 +1,6 @@
 """Train the small shapes Dimple with the repository's training library: autoregressive, then diffusion.
 
-    python shapes/train.py                      # the shipped checkpoint -> checkpoints/dimple-shapes
+    python shapes/train.py                      # the shipped recipe and seed -> checkpoints/dimple-shapes
     python shapes/train.py --diffusion-only --output /work/ablation/diffusion-only   # the paper's ablation
     python shapes/train.py --smoke --output /tmp/smoke                            # 2 steps per stage
 
@@ -82,7 +82,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ar-lr", type=float, default=1e-3)
     parser.add_argument("--diffusion-lr", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=3,
+        help="Examples and initialisation. Seeds 0-3 were trained; 3 (best on validation) is the shipped checkpoint.",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--smoke", action="store_true", help="2 steps per stage on a tiny batch (a quick check).")
     args = parser.parse_args(argv)
