@@ -41,8 +41,9 @@ def forward(model, processor, examples):
     prompts = [processor.apply_chat_template(messages(e), add_generation_prompt=True) for e in examples]
     inputs = processor(text=prompts, images=[render(e.scene) for e in examples], padding="longest", return_tensors="pt")
     batch, prompt = inputs["input_ids"].shape
-    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.full((batch, ANSWER_SLOTS), processor.mask_token_id)], 1)
-    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(batch, ANSWER_SLOTS, dtype=torch.long)], 1)
+    masks = torch.full((batch, ANSWER_SLOTS), processor.mask_token_id)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], masks], 1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(masks)], 1)
     out = model(**inputs, output_hidden_states=True, output_attentions=True)
     vision = inputs["input_ids"] == model.config.image_token_id
     # hidden_states[l] is the input of layer l (the last entry is after the final norm, so it is left out)
@@ -72,17 +73,7 @@ def linear_accuracy(features: torch.Tensor, labels: list[int]) -> float:
     return ((features[split:] @ weight + bias).argmax(-1) == labels[split:]).float().mean().item()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--questions", type=int, default=6000, help="Validation questions to draw from.")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    examples = validation_examples(args.questions)
-
+def report_norms(model, processor, examples):
     inputs, prompt, vision, hidden, _ = forward(model, processor, examples[:200])
     answer = torch.zeros_like(vision)
     answer[:, prompt:] = True
@@ -94,6 +85,8 @@ def main(argv=None):
         parts = [f"{norm[where].mean():.1f} (+{added[where].mean():.1f})" for where in (vision, text, answer)]
         print(f"  layer {layer}: " + " | ".join(parts))
 
+
+def report_vision_readout(model, processor, examples):
     features, kinds, colors, columns = [], [], [], []
     for start in range(0, 600, 200):
         subset = examples[start:start + 200]
@@ -105,11 +98,14 @@ def main(argv=None):
                 colors.append(list(COLORS).index(shape.color))
                 columns.append(shape.column)
     features = rms_normalised(torch.stack(features))
-    print(f"a shape's own vision token, linear read-out accuracy ({len(kinds)} shapes) per layer input: kind | colour | column")
+    print(f"a shape's own vision token, linear read-out accuracy ({len(kinds)} shapes) per layer input: "
+          "kind | colour | column")
     for layer in range(features.shape[1]):
         scores = [linear_accuracy(features[:, layer], labels) for labels in (kinds, colors, columns)]
         print(f"  layer {layer}: " + " | ".join(f"{score:.1%}" for score in scores))
 
+
+def report_named_readout(model, processor, examples):
     for kind, attribute, values in (("color", "kind", SHAPES), ("shape", "color", list(COLORS))):
         named = [e for e in examples if e.kind == kind and e.named is not None][:400]
         _, prompt, _, hidden, _ = forward(model, processor, named)
@@ -118,6 +114,8 @@ def main(argv=None):
         print(f"named {attribute} of {len(named)} '{kind}' questions read from the first answer slot, per layer input: "
               + " | ".join(f"{score:.1%}" for score in scores))
 
+
+def report_attention(model, processor, examples):
     binding = [e for e in examples if needs_binding(e)][:200]
     _, prompt, vision, _, attentions = forward(model, processor, binding)
     print(f"first answer slot's attention on {len(binding)} binding questions, head favouring the named shape most:")
@@ -131,6 +129,20 @@ def main(argv=None):
         head = int((on_named - on_other).argmax())
         print(f"  layer {layer}, head {head}: named shape {on_named[head] / len(binding):.2f}, "
               f"each other shape {on_other[head] / len(binding):.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--questions", type=int, default=6000, help="Validation questions to draw from.")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    examples = validation_examples(args.questions)
+    for report in (report_norms, report_vision_readout, report_named_readout, report_attention):
+        report(model, processor, examples)
 
 
 if __name__ == "__main__":
