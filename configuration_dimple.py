@@ -5,7 +5,13 @@ bidirectional attention, multimodal RoPE). Both classes build on transformers' Q
 vision tower Dimple reuses unchanged.
 """
 
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+# Importing the compat module checks the installed transformers version (the first Dimple module a loader imports).
+try:
+    from .transformers_compat import check_transformers_version  # noqa: F401
+except ImportError:  # imported from the repository root rather than as remote code
+    from transformers_compat import check_transformers_version  # noqa: F401
 
 
 class DimpleVisionConfig(Qwen2_5_VLVisionConfig):

@@ -16,15 +16,14 @@ import re
 
 from tokenizers import AddedToken
 
-from transformers import AutoTokenizer, Qwen2Tokenizer
-from transformers.models.auto.tokenization_auto import get_tokenizer_config
-from transformers.processing_utils import ProcessorMixin
-from transformers.utils import cached_file
+from transformers import AutoTokenizer, ProcessorMixin, Qwen2Tokenizer
 
 try:
     from .image_processing_dimple import DimpleImageProcessor
+    from .transformers_compat import cached_file, get_tokenizer_config
 except ImportError:  # imported as a top-level module (repository root on sys.path) rather than as remote code
     from image_processing_dimple import DimpleImageProcessor
+    from transformers_compat import cached_file, get_tokenizer_config
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"

@@ -55,7 +55,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import _is_peft_model
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -698,7 +697,7 @@ def save_final_model(trainer: Trainer, output_dir: str | None = None) -> str:
     training: merging changes the trainer's model in place.
     """
     output_dir = output_dir or trainer.args.output_dir
-    if not _is_peft_model(trainer.model):
+    if not callable(getattr(trainer.model, "merge_and_unload", None)):  # not a PEFT (LoRA) model
         trainer.save_model(output_dir)
         return output_dir
     trainer.save_model(os.path.join(output_dir, "lora_adapter"))

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -23,6 +22,7 @@ from image_processing_dimple import DimpleImageProcessor  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
 from processing_dimple import DimpleProcessor, build_dimple_tokenizer  # noqa: E402
 from shapes.task import IMAGE_SIZE, corpus  # noqa: E402
+from transformers_compat import PRETOKENIZE_REGEX  # noqa: E402
 
 MAX_NEW_TOKENS = 32  # the longest answer is 26 tokens
 

@@ -130,7 +130,7 @@ def test_inspect_binding_reads_the_shipped_vision_tokens(capsys):
 @pytest.mark.parametrize(
     "module",
     ["configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py",
-     "image_processing_dimple.py"],
+     "image_processing_dimple.py", "transformers_compat.py"],
 )  # fmt: skip
 def test_checkpoint_code_is_the_repository_code(module):
     """The checkpoint carries copies of the remote code; they must not drift from the package (copy them on change)."""

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, GenerationMixin
-from transformers.cache_utils import DynamicCache
-from transformers.generation.streamers import BaseStreamer
-from transformers.utils import ModelOutput
+from transformers import DynamicCache, GenerationConfig, GenerationMixin
+
+try:
+    from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
+except ImportError:  # imported from the repository root rather than as remote code
+    from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
 CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")  # rank slots by a confidence score
@@ -900,8 +902,8 @@ class DimpleGenerationMixin(GenerationMixin):
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids[:, :, start:],
-            past_key_values=cache,
             use_cache=cache is not None,
+            **cache_kwarg(cache),
             logits_to_keep=torch.arange(prompt_length - 1 - start, total - 1 - start, device=device),
             return_dict=True,
         ).logits

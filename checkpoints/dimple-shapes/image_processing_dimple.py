@@ -14,10 +14,12 @@ released model was trained with, so this module needs neither torchvision nor a 
 
 import numpy as np
 
-from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import ImageType, get_image_type
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.video_utils import make_batched_videos
+from transformers import BatchFeature, Qwen2VLImageProcessorPil
+
+try:
+    from .transformers_compat import ImageType, get_image_type, make_batched_videos
+except ImportError:  # imported from the repository root rather than as remote code
+    from transformers_compat import ImageType, get_image_type, make_batched_videos
 
 MAX_ASPECT_RATIO = 200
 

@@ -11,39 +11,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLTextModel,
-)
+from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLTextModel
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
     from .generation_utils import DimpleGenerationMixin
+    from .transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
 except ImportError:  # imported from the repository root rather than as remote code
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
     from generation_utils import DimpleGenerationMixin
+    from transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
 
 
 @dataclass
-class DimpleCausalLMOutputWithPast(ModelOutput):
+class DimpleCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
+    transformers' causal-LM output (`loss`, `logits`, the key/value cache, `hidden_states`, `attentions`; the cache
+    field is `cache` from transformers 5.24 on, `past_key_values` before) plus Dimple's `rope_deltas`.
+
     Args:
         loss: shifted next-token cross-entropy over `labels != -100` (position i predicts token i + 1).
         logits: `[batch, kept positions, vocab]`; position i scores the token at i + 1.
-        past_key_values: the key/value cache, when `use_cache=True`.
-        hidden_states / attentions: per-layer outputs when requested.
         rope_deltas: `[batch, 1]`, multimodal-RoPE position minus sequence index for tokens after the last image.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     rope_deltas: torch.LongTensor | None = None
 
 
@@ -68,7 +59,7 @@ class DimplePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -275,7 +266,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -291,12 +282,15 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DimpleCausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`[B, S]`): token ids; `<|image_pad|>` / `<|video_pad|>` slots receive the vision features.
             attention_mask (`[B, past + S]` of 0/1, or a 4-D mask used as given): defaults to all ones.
+            cache (`Cache`): keys/values of earlier tokens; `past_key_values=` is the same argument under its name
+                before transformers 5.24.
             position_ids (`[3, B, S]`): M-RoPE positions; computed with `get_rope_index` when omitted (or, when a
                 non-empty cache is given, as sequence index + `rope_deltas`; the current tokens follow the cached ones).
             pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
@@ -310,7 +304,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             logits_to_keep (`int` or 1-D `LongTensor`): compute logits for the last k positions only (0 = all) or
                 for the given sequence indices.
         """
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = cache if cache is not None else past_key_values
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
@@ -345,10 +340,10 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             inputs_embeds=inputs_embeds,
             attention_mask={"full_attention": mask},
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            **cache_kwarg(cache),
             **kwargs,
         )
         hidden = decoder_out.last_hidden_state
@@ -365,7 +360,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         output = DimpleCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=decoder_out.past_key_values,
+            **cache_kwarg(output_cache(decoder_out)),
             hidden_states=decoder_out.hidden_states,
             attentions=decoder_out.attentions,
             rope_deltas=rope_deltas,
