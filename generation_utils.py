@@ -59,6 +59,11 @@ DIFFUSION_ONLY_ARGUMENTS = DIFFUSION_ONLY_SETTINGS + (
     "generation_logits_hook_func",
 )
 UPSTREAM_DEFAULT_MAX_LENGTH = 20
+# The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
+RELEASED_CHAT_SETTINGS = dict(
+    max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
+    use_original_confidence=True, decoding_pipeline="dim", use_cache=True,
+)
 
 
 class DimpleGenerationConfig(GenerationConfig):

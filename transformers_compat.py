@@ -12,16 +12,17 @@ so this file is also the list of internals a new release can break (README, "tra
 """
 
 import warnings
+from importlib.metadata import version as installed_version
 
-import transformers
 from packaging.version import Version
 
 OLDEST_SUPPORTED = "5.23.0"
 NEWEST_TESTED = "5.24"  # the newest minor release the whole suite has passed on; requirements cap below the next
 
 
-def check_transformers_version(installed: str = transformers.__version__) -> None:
+def check_transformers_version(installed: str | None = None) -> None:
     """`ImportError` below the oldest supported release; one warning above the newest tested minor release."""
+    installed = installed or installed_version("transformers")
     release = Version(installed).release
     if release < Version(OLDEST_SUPPORTED).release:
         raise ImportError(

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from generation_utils import DiffusionTextStreamer  # noqa: E402
+from generation_utils import RELEASED_CHAT_SETTINGS, DiffusionTextStreamer  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
 from processing_dimple import DimpleProcessor  # noqa: E402
 from shapes.task import ATTRIBUTES_TEMPLATE, random_scene, render  # noqa: E402
@@ -36,9 +36,6 @@ SHAPES_TEMPLATE = ("What are the color and shape of the object on the left?", AT
 GENERIC_QUESTIONS = ["Describe this image."]
 GENERIC_TEMPLATE = ("What is the main object in the image, and what color is it? Answer in JSON.",
                     '{"object": "<|mask|>*4", "color": "<|mask|>*3"}')
-# The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
-RELEASED_CHAT = dict(max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin",
-                     alg_p_threshold=0.95, use_original_confidence=True, decoding_pipeline="dim", use_cache=True)
 
 
 def parse_args(argv=None):
@@ -66,7 +63,7 @@ def decoding_options(model) -> dict:
     """The checkpoint's own diffusion settings when it has them, else the released chat settings."""
     if getattr(model.generation_config, "alg_p_threshold", None):
         return {}
-    return dict(RELEASED_CHAT)
+    return dict(RELEASED_CHAT_SETTINGS)
 
 
 def answer(model, processor, image, question, options, template=None, note=None) -> dict:
