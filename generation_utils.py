@@ -840,23 +840,8 @@ class DimpleGenerationMixin(GenerationMixin):
                 raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
 
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
-        """Token embeddings with the image/video features written into their placeholder slots (encoded once)."""
-        embeds = self.get_input_embeddings()(prompt)
-        for pixels, grid, token_id, encode in (
-            ("pixel_values", "image_grid_thw", self.config.image_token_id, self.get_image_features),
-            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id, self.get_video_features),
-        ):
-            if pixels not in visual:
-                continue
-            features = encode(visual[pixels].to(self.device), visual[grid].to(self.device))
-            slots = prompt == token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise ValueError(
-                    f"The prompts hold {int(slots.sum())} placeholder tokens (id {token_id}) but `{pixels}` gives "
-                    f"{features.shape[0]} feature rows; build the prompt and the pixels with the processor."
-                )
-            embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
-        return embeds
+        """Token embeddings with the image/video features in their placeholder slots (images encoded once a call)."""
+        return self._embed_inputs(prompt, **{name: value.to(self.device) for name, value in visual.items()})[0]
 
     @staticmethod
     def _repeat_rows(batch: DiffusionBatch, times: int) -> DiffusionBatch:
@@ -914,10 +899,7 @@ class DimpleGenerationMixin(GenerationMixin):
         ).logits
 
     # ------------------------------------------------------------------------- autoregressive `generate`
-    # The stock loop works once positions follow Dimple's multimodal RoPE: the first forward computes them from the
-    # image grids (`get_rope_index`) and returns `rope_deltas`; cached steps place a new token at its index + delta.
-    # Attention is bidirectional by default, so cached decoding is not the same as re-running the whole sequence
-    # (earlier tokens never see later ones through the cache); with `config.full_attn_mask=False` (causal) they agree.
+    # The position plumbing the stock loop needs lives in `modeling_dimple.py`, next to `get_rope_index`.
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
@@ -932,49 +914,6 @@ class DimpleGenerationMixin(GenerationMixin):
         if misplaced:
             raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
         return super().generate(inputs, generation_config, **kwargs)
-
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        """No 1-D positions from the attention mask: `forward` derives multimodal positions itself."""
-        return None
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
-        model_kwargs = super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-        if getattr(outputs, "rope_deltas", None) is not None:
-            model_kwargs["rope_deltas"] = outputs.rope_deltas  # cached steps: position = index + delta
-        return model_kwargs
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """Repeat each prompt's own images with it (the stock version would interleave single patch rows)."""
-        visual = {}
-        if expand_size > 1 and input_ids is not None:
-            for pixels, grid, token_id in (
-                ("pixel_values", "image_grid_thw", self.config.image_token_id),
-                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
-            ):
-                if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
-                    visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
-                        input_ids, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
-                    )
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        model_kwargs.update(visual)
-        return input_ids, model_kwargs
-
-    def _repeat_visual_per_prompt(self, input_ids, pixels, grid, token_id, times):
-        """Group the patch rows and grids by prompt (images are counted by `<|vision_start|>` + placeholder)."""
-        starts = (input_ids[:, :-1] == self.config.vision_start_token_id) & (input_ids[:, 1:] == token_id)
-        per_prompt = starts.sum(1).tolist()
-        if sum(per_prompt) != grid.shape[0]:
-            raise ValueError(f"The prompts hold {sum(per_prompt)} vision blocks but the grid has {grid.shape[0]} rows.")
-        grids = grid.split(per_prompt)
-        patches = pixels.split([int(g.prod(-1).sum()) for g in grids])
-        return (
-            torch.cat([p for p in patches for _ in range(times)]),
-            torch.cat([g for g in grids for _ in range(times)]),
-        )
 
 
 __all__ = [

@@ -16,11 +16,15 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
     from .generation_utils import DimpleGenerationMixin
-    from .transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
+    from .transformers_compat import (
+        ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
+    )
 except ImportError:  # imported from the repository root rather than as remote code
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
     from generation_utils import DimpleGenerationMixin
-    from transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
+    from transformers_compat import (
+        ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
+    )
 
 
 @dataclass
@@ -65,6 +69,10 @@ class DimplePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The stock `_init_weights` recomputes both rotary `inv_freq` tables (LM: theta 1e6, dim 128; ViT: theta 1e4,
     # dim 40), which `from_pretrained` otherwise leaves as uninitialised memory after building on the meta device.
+
+
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "image_features", "pixel_values_videos", "video_grid_thw",
+               "video_features")
 
 
 def attention_mask_4d(
@@ -130,35 +138,51 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
 
     # ----------------------------------------------------------------------------------------------- vision
 
-    def _encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, name: str) -> torch.Tensor:
-        if grid_thw is None:
-            grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
-            raise ValueError(f"`{name}` was given without `{grid_name}`; pass both (the processor returns both).")
-        patches = int(grid_thw.prod(-1).sum())
-        if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
-            raise ValueError(
-                f"`{name}` has shape {tuple(pixel_values.shape)}, but its grid describes {patches} patches; "
-                "expected [num_patches, channels * temporal_patch * patch * patch] as the processor returns it."
-            )
+    def _encode_visual(self, pixel_values, grid_thw, name: str, **kwargs) -> BaseModelOutputWithPooling:
+        grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
+        check_visual_inputs(pixel_values, grid_thw, name, grid_name, self.config.vision_config)
         pixel_values = pixel_values.to(self.visual.dtype)
-        features = self.visual(pixel_values, grid_thw=grid_thw).pooler_output
-        return self.img_projector(features.to(self.lm_head.weight.dtype))
+        vision = self.visual(pixel_values, grid_thw=grid_thw, **kwargs)
+        features = self.img_projector(vision.pooler_output.to(self.lm_head.weight.dtype))
+        sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        vision.pooler_output = torch.split(features, sizes)
+        return vision
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: `[sum of t*h*w/4 over images, hidden_size]`, in `<|image_pad|>` order."""
-        return self._encode_visual(pixel_values, image_grid_thw, "pixel_values")
+    def get_image_features(self, pixel_values, image_grid_thw, **kwargs) -> BaseModelOutputWithPooling:
+        """Vision tower + projector, as transformers' Qwen2.5-VL returns them.
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        `pooler_output` is a tuple with one `[t*h*w/4, hidden_size]` tensor of projected features per image (in
+        `<|image_pad|>` order); `last_hidden_state` (and `hidden_states` / `attentions` when requested through
+        `output_hidden_states` / `output_attentions`) are the vision tower's.
+        """
+        return self._encode_visual(pixel_values, image_grid_thw, "pixel_values", **kwargs)
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs) -> BaseModelOutputWithPooling:
         """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
-        return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos")
+        return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
 
-    def _scatter_features(self, embeds, input_ids, token_id, features, name):
-        slots = input_ids == token_id
-        if int(slots.sum()) != features.shape[0]:
+    def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Where `inputs_embeds` holds the embeddings of the vision special tokens: their ids there, -1 elsewhere.
+
+        Lets images and M-RoPE positions work from `inputs_embeds` alone (as transformers' Qwen2.5-VL finds its
+        placeholders): `<|vision_start|>`, `<|image_pad|>` and `<|video_pad|>` are told apart by their embedding rows.
+        """
+        special = [self.config.vision_start_token_id, self.config.image_token_id, self.config.video_token_id]
+        table = self.get_input_embeddings()(torch.tensor(special, device=inputs_embeds.device))
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token_id, row in zip(special, table):
+            ids = ids.masked_fill((inputs_embeds == row.to(inputs_embeds.dtype)).all(-1), token_id)
+        return ids
+
+    def merge_visual_features(self, embeds, placeholders, features, token_id, name):
+        """Write `features` (rows in order) into the `token_id` placeholder slots of `embeds` (batch-major order)."""
+        slots = placeholders == token_id
+        count = int(slots.sum())
+        if count != features.shape[0]:
             raise ValueError(
-                f"The prompt holds {int(slots.sum())} {name} placeholder tokens (id {token_id}) but the {name}s "
-                f"give {features.shape[0]} feature rows. Build the prompt with the processor, which expands each "
-                f"placeholder to t*h*w/{self.config.vision_config.spatial_merge_size ** 2} copies."
+                f"The prompt holds {count} {name} placeholder tokens (id {token_id}) but the {name}s give "
+                f"{features.shape[0]} feature rows. Build the prompt and the pixels with the processor, which expands "
+                f"each placeholder to t*h*w/{self.config.vision_config.spatial_merge_size ** 2} copies."
             )
         return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
 
@@ -230,6 +254,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if attention_mask is None or attention_mask.ndim == 4:
             return
@@ -244,10 +270,15 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 f" one row per sample and one column per cached and current token."
             )
 
-    def _decoder_mask(self, attention_mask, batch, past_length, query_positions, dtype, device):
+    def _decoder_mask(self, attention_mask, batch, past_length, query_positions, sequence_ids, dtype, device):
         """The mask in the form the configured attention implementation wants."""
         impl = self.config._attn_implementation
         if impl is not None and impl.startswith("flash_attention"):
+            if sequence_ids is not None:
+                raise ValueError(
+                    "Packed sequences (position_ids restarting at 0) need the sdpa or eager attention here; load the "
+                    "model with attn_implementation='sdpa', or pad the batch instead of packing it."
+                )
             for layer in self.model.layers:
                 layer.self_attn.is_causal = not self.config.full_attn_mask
             return attention_mask  # flash kernels take the 2-D padding mask (or None) and handle unpadding
@@ -257,9 +288,46 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
         else:
             mask = attention_mask_4d(attention_mask.to(device), query_positions, self.config.full_attn_mask)
+        if sequence_ids is not None:  # packed sequences see only themselves
+            mask = mask & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
         if impl == "eager":
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
+
+    def _embed_inputs(self, input_ids, inputs_embeds=None, **visual) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """Token embeddings with the image/video features in their placeholder slots, and the placeholder layout
+        (`input_ids`, or the ids recovered from `inputs_embeds` when vision inputs need it; else None).
+
+        `visual`: `pixel_values` / `image_grid_thw` / `image_features` and the video counterparts (None = absent).
+        """
+        placeholders = input_ids
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        elif any(value is not None for value in visual.values()):
+            placeholders = self.placeholder_ids(inputs_embeds)
+        visual = {**dict.fromkeys(VISUAL_KEYS), **visual}
+        for pixels_name, grid_name, features_name, token_id, encode, name in (
+            ("pixel_values", "image_grid_thw", "image_features", self.config.image_token_id,
+             self.get_image_features, "image"),
+            ("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id,
+             self.get_video_features, "video"),
+        ):  # fmt: skip
+            features = visual[features_name]
+            if visual[pixels_name] is not None and features is None:
+                features = torch.cat(encode(visual[pixels_name], visual[grid_name]).pooler_output)
+            if features is not None:
+                inputs_embeds = self.merge_visual_features(inputs_embeds, placeholders, features, token_id, name)
+            elif visual[grid_name] is None and placeholders is not None and self._holds(placeholders, token_id):
+                # (A grid without pixels is the generation loop's doing: it keeps images from an assistant model.)
+                raise ValueError(
+                    f"The prompt holds {name} placeholder tokens (id {token_id}) but no `{pixels_name}` was given; "
+                    f"pass the processor's `{pixels_name}` and `{grid_name}` with the prompt."
+                )
+        return inputs_embeds, placeholders
+
+    @staticmethod
+    def _holds(ids: torch.Tensor, token_id: int) -> bool:
+        return not torch.compiler.is_compiling() and bool((ids == token_id).any())
 
     def forward(
         self,
@@ -282,6 +350,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         image_features: torch.Tensor | None = None,
         video_features: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> DimpleCausalLMOutputWithPast | tuple:
@@ -289,60 +358,60 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         Args:
             input_ids (`[B, S]`): token ids; `<|image_pad|>` / `<|video_pad|>` slots receive the vision features.
             attention_mask (`[B, past + S]` of 0/1, or a 4-D mask used as given): defaults to all ones.
+            position_ids (`[3, B, S]` M-RoPE positions, or `[B, S]` for text): computed with `get_rope_index` when
+                omitted (with a non-empty cache: sequence index + `rope_deltas`; the current tokens follow the cached
+                ones). Positions that restart at 0 inside a row mark packed sequences (padding-free batches, e.g.
+                `DataCollatorWithFlattening`): each attends only to itself.
             cache (`Cache`): keys/values of earlier tokens; `past_key_values=` is the same argument under its name
                 before transformers 5.24.
-            position_ids (`[3, B, S]`): M-RoPE positions; computed with `get_rope_index` when omitted (or, when a
-                non-empty cache is given, as sequence index + `rope_deltas`; the current tokens follow the cached ones).
+            inputs_embeds (`[B, S, H]`): instead of `input_ids`; vision placeholders are found by their embeddings.
             pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
-            image_features / video_features: precomputed `get_image_features` / `get_video_features` outputs, which
-                skip the vision tower (diffusion decoding encodes images once and reuses them every step).
-            labels (`[B, S]`): next-token targets (-100 = ignored). The loss is the summed cross-entropy of
-                `logits[:, :-1]` against `labels[:, 1:]`, divided by `num_items_in_batch` (the Trainer passes the
-                count over the gradient-accumulation window) or else by the number of scored tokens. A batch with no
-                scored token gives loss 0, never NaN. With diffusion-masked inputs and labels kept only on masked
-                slots this same loss is the diffusion objective.
+            image_features / video_features: precomputed projected features (`torch.cat` of `get_image_features(
+                ...).pooler_output`), which skip the vision tower.
+            labels (`[B, S]`): next-token targets (-100 = ignored), or `shift_labels` already aligned with the logits
+                (context parallelism). The loss is the summed cross-entropy of `logits[:, i]` against
+                `labels[:, i + 1]`, divided by `num_items_in_batch` (the Trainer passes the count over the
+                gradient-accumulation window) or else by the number of scored tokens. A batch with no scored token
+                gives loss 0, never NaN. With diffusion-masked inputs and labels kept only on masked slots this same
+                loss is the diffusion objective.
             logits_to_keep (`int` or 1-D `LongTensor`): compute logits for the last k positions only (0 = all) or
                 for the given sequence indices.
+            output_attentions / output_hidden_states: per-layer outputs; default to the config's flags.
         """
         cache = cache if cache is not None else past_key_values
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
-        if inputs_embeds is None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+        inputs_embeds, placeholders = self._embed_inputs(
+            input_ids, inputs_embeds, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            image_features=image_features, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            video_features=video_features,
+        )  # fmt: skip
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
 
-        if pixel_values is not None and image_features is None:
-            image_features = self.get_image_features(pixel_values, image_grid_thw)
-        if pixel_values_videos is not None and video_features is None:
-            video_features = self.get_video_features(pixel_values_videos, video_grid_thw)
-        if image_features is not None or video_features is not None:
-            if input_ids is None:
-                raise ValueError("Vision inputs need `input_ids` to locate their placeholder tokens.")
-            if image_features is not None:
-                inputs_embeds = self._scatter_features(
-                    inputs_embeds, input_ids, self.config.image_token_id, image_features, "image"
-                )
-            if video_features is not None:
-                inputs_embeds = self._scatter_features(
-                    inputs_embeds, input_ids, self.config.video_token_id, video_features, "video"
-                )
-
         # Absolute indices of the current tokens: they follow the cached ones.
         query_positions = torch.arange(past_length, past_length + length, device=device)
+        sequence_ids = None
         if position_ids is None:
             position_ids, rope_deltas = self._default_positions(
-                input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
+                placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
             )
-        mask = self._decoder_mask(attention_mask, batch, past_length, query_positions, inputs_embeds.dtype, device)
+        else:
+            position_ids = position_ids[None].expand(3, -1, -1) if position_ids.ndim == 2 else position_ids
+            if past_length == 0:
+                sequence_ids = packed_sequence_ids(position_ids)
+        mask = self._decoder_mask(
+            attention_mask, batch, past_length, query_positions, sequence_ids, inputs_embeds.dtype, device
+        )
 
+        # Output flags are passed only when set, so transformers falls back to the config's.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         decoder_out = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask={"full_attention": mask},
             position_ids=position_ids,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            **{name: value for name, value in flags.items() if value is not None},
             **cache_kwarg(cache),
             **kwargs,
         )
@@ -354,8 +423,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         logits = self.lm_head(hidden)
 
         loss = None
-        if labels is not None:
-            loss = self.next_token_loss(logits, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            loss = self.next_token_loss(logits, labels, num_items_in_batch, shift_labels)
 
         output = DimpleCausalLMOutputWithPast(
             loss=loss,
@@ -368,36 +437,185 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         return output if return_dict is not False else output.to_tuple()
 
     def _default_positions(
-        self, input_ids, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
+        self, placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
     ):
+        mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         if query_positions[0] == 0:
-            if input_ids is None:
-                raise ValueError("Pass `position_ids` when calling the model with `inputs_embeds`.")
-            mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-            return self.get_rope_index(input_ids, image_grid_thw, video_grid_thw, mask_2d)
+            if placeholders is None:  # inputs_embeds without vision inputs: text positions
+                placeholders = torch.zeros(batch, len(query_positions), dtype=torch.long, device=query_positions.device)
+            return self.get_rope_index(placeholders, image_grid_thw, video_grid_thw, mask_2d)
         if rope_deltas is None:
             raise ValueError(
                 "With a non-empty cache, pass `rope_deltas` (returned by the first forward) or `position_ids`: "
-                "positions after an image depend on the image grid, which the cache does not record."
+                "positions after an image depend on the image grid, which the cache does not record. (`generate` "
+                "computes them itself.)"
             )
         positions = query_positions[None, :] + rope_deltas.to(query_positions.device)
         return positions[None].expand(3, batch, -1), rope_deltas
 
-    @staticmethod
-    def next_token_loss(logits, labels, num_items_in_batch=None):
-        """Sum of CE(logits[:, i], labels[:, i + 1]) over scored tokens, divided by the item count (fp32)."""
-        targets = labels[:, -logits.shape[1] + 1 :].to(logits.device) if logits.shape[1] > 1 else labels[:, :0]
-        losses = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-            reduction="sum",
-        )
+    def next_token_loss(self, logits, labels, num_items_in_batch=None, shift_labels=None):
+        """transformers' causal-LM loss: summed CE(logits[:, i], labels[:, i + 1]) over scored tokens / item count.
+
+        The count defaults to the number of scored tokens, at least 1, so a batch with nothing scored gives 0, never
+        NaN. With `shift_labels` (already aligned with the logits) `labels` is not needed.
+        """
+        if shift_labels is None:
+            labels = labels[:, -logits.shape[1] :]  # the positions `logits_to_keep` kept
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        shift_labels = shift_labels.to(logits.device).contiguous()
         if num_items_in_batch is None:
-            num_items_in_batch = (targets != -100).sum()
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(losses.device).clamp(min=1)
+            num_items_in_batch = (shift_labels != -100).sum().clamp(min=1)
+        elif torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(logits.device).clamp(min=1)
         else:
             num_items_in_batch = max(num_items_in_batch, 1)
-        return losses / num_items_in_batch
+        return self.loss_function(
+            logits, None, self.config.vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels
+        )
+
+    # ------------------------------------------------------------------------- autoregressive `generate`
+    # The stock loop decodes left to right once it has Dimple's multimodal RoPE positions: they are computed over the
+    # whole prompt (images included) before the first step, sliced to the uncached tokens at every step and extended
+    # by one per new token. Attention is bidirectional by default, so cached decoding is not the same as re-running
+    # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
+    # agree.
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        if input_ids.ndim == 3:  # inputs_embeds
+            input_ids = self.placeholder_ids(input_ids)
+        positions, _ = self.get_rope_index(
+            input_ids, model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw"),
+            model_kwargs.get("attention_mask"),
+        )  # fmt: skip
+        return positions
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """The stock inputs, with only the images whose placeholders are not cached yet (a continued chat)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        cache = inputs.get(CACHE_NAME)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if past_length == 0:
+            return inputs
+        for pixels, grid, token_id in (
+            ("pixel_values", "image_grid_thw", self.config.image_token_id),
+            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+        ):
+            if inputs.get(pixels) is not None and inputs.get(grid) is not None:
+                inputs[pixels], inputs[grid] = self._uncached_visual_inputs(
+                    input_ids, inputs[pixels], inputs[grid], token_id, past_length
+                )
+        return inputs
+
+    def _uncached_visual_inputs(self, input_ids, pixels, grid, token_id, past_length):
+        """The patch rows and grid rows of the vision blocks that start at or after `past_length`."""
+        rows, starts = self.vision_block_starts(input_ids, token_id, grid.shape[0])
+        keep = starts >= past_length
+        if bool(keep.all()):
+            return pixels, grid
+        if not bool(keep.any()):
+            return None, None
+        patches = pixels.split(grid.prod(-1).tolist())
+        return torch.cat([p for p, k in zip(patches, keep.tolist()) if k]), grid[keep]
+
+    def vision_block_starts(self, input_ids, token_id, expected: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, index of the first placeholder) of every vision block, in the order their grids are consumed."""
+        starts = (input_ids[:, :-1] == self.config.vision_start_token_id) & (input_ids[:, 1:] == token_id)
+        rows, columns = starts.nonzero(as_tuple=True)
+        if len(rows) != expected:
+            raise ValueError(f"The prompts hold {len(rows)} vision blocks but the grid has {expected} rows.")
+        return rows, columns + 1
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each prompt's own images with it (the stock version would interleave single patch rows)."""
+        visual = {}
+        if expand_size > 1 and input_ids is not None:
+            for pixels, grid, token_id in (
+                ("pixel_values", "image_grid_thw", self.config.image_token_id),
+                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+            ):
+                if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
+                    visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
+                        input_ids, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
+                    )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(visual)
+        return input_ids, model_kwargs
+
+    def _repeat_visual_per_prompt(self, input_ids, pixels, grid, token_id, times):
+        """Group the patch rows and grids by prompt, then repeat each prompt's group `times` times."""
+        rows, _ = self.vision_block_starts(input_ids, token_id, grid.shape[0])
+        per_prompt = torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
+        grids = grid.split(per_prompt)
+        patches = pixels.split([int(g.prod(-1).sum()) for g in grids])
+        return (
+            torch.cat([p for p in patches for _ in range(times)]),
+            torch.cat([g for g in grids for _ in range(times)]),
+        )
+
+
+def packed_sequence_ids(position_ids: torch.LongTensor) -> torch.LongTensor | None:
+    """`[B, S]` index of the packed sequence each token belongs to, or None when no row restarts its positions.
+
+    A sequence starts where all three M-RoPE components are 0 (text positions restarting at 0; an image block starts
+    at (0, 0, 0) only when it opens a sequence). Needs one host sync, so compiled code must not pack.
+    """
+    starts = (position_ids == 0).all(0)
+    starts[:, 0] = False
+    if torch.compiler.is_compiling() or not bool(starts.any()):
+        return None
+    return starts.long().cumsum(-1)
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    """Ids outside [0, vocab_size) would index past the embedding (an IndexError, or a device-side assert on GPU)."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer token ids, got a {ids.dtype} tensor.")
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"`{name}` holds token id {bad}, outside the model's vocabulary [0, {vocab_size}). The tokenizer and the "
+            "model do not match (compare len(tokenizer) with config.vocab_size), or the ids were built by hand."
+        )
+
+
+def check_visual_inputs(pixel_values, grid_thw, name: str, grid_name: str, vision_config) -> None:
+    """Pixels and grid must describe each other: the processor's output, checked before the vision tower runs."""
+    if grid_thw is None:
+        raise ValueError(f"`{name}` was given without `{grid_name}`; pass both (the processor returns both).")
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
+        raise TypeError(
+            f"`{name}` must be a float torch.Tensor (the processor's `return_tensors='pt'`), got "
+            f"{type(pixel_values).__name__}{'' if not isinstance(pixel_values, torch.Tensor) else f' {pixel_values.dtype}'}."
+        )
+    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
+        raise TypeError(f"`{grid_name}` must be an integer torch.Tensor of (t, h, w) rows, got {grid_thw!r}.")
+    merge = vision_config.spatial_merge_size
+    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw < 1).any() or (grid_thw[:, 1:] % merge).any():
+        raise ValueError(
+            f"`{grid_name}` must be [images, 3] rows of positive (t, h, w) patch counts with h and w multiples of "
+            f"{merge}; got {grid_thw.tolist()}. Pass the grid the processor returned with these pixels."
+        )
+    if name == "pixel_values" and (grid_thw[:, 0] != 1).any():
+        raise ValueError(f"`{grid_name}` rows of still images have t = 1; got {grid_thw.tolist()}.")
+    width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+    patches = int(grid_thw.prod(-1).sum())
+    if pixel_values.shape != (patches, width):
+        raise ValueError(
+            f"`{name}` has shape {tuple(pixel_values.shape)}, but `{grid_name}` describes {patches} patches of "
+            f"{width} values (channels * temporal_patch_size * patch_size**2): expected ({patches}, {width}). Pass "
+            "the pixels and the grid the processor returned together."
+        )
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError(f"`{name}` holds NaN or infinite values; check the image loading and normalisation.")
 
 
 # The released checkpoint's config.json names `modeling_dimple.DimpleModel` in its auto_map.

@@ -91,6 +91,8 @@ DIMPLE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A sanity bound on `<|mask|>*N` (the released model's context is 131,072 positions); the model checks its own.
+MAX_TEMPLATE_SLOTS = 131_072
 # In the order the chat template tests them when a part has no "type".
 CONTENT_TYPES = ("image", "image_url", "video", "text")
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only")
@@ -165,7 +167,7 @@ class DimpleProcessor(ProcessorMixin):
         self.mask_token_id = _token_id(tokenizer, self.mask_token)
         self._answer_end_tokens = (PAD_TOKEN, EOS_TOKEN)
         self._answer_end_ids = {_token_id(tokenizer, token) for token in self._answer_end_tokens}
-        self._slot_pattern = re.compile(re.escape(self.mask_token) + r"(?:\*([+-]?\d*))?")
+        self._slot_pattern = re.compile(re.escape(self.mask_token) + r"(?:\*([+-]?\d*(?:\.\d+)?))?")
 
     @property
     def video_processor(self):
@@ -261,6 +263,11 @@ class DimpleProcessor(ProcessorMixin):
             raise ValueError(
                 f"Invalid slot {match.group(0)!r} in a response template: write {self.mask_token}*N with a whole "
                 f"number N >= 1 (a slot of length 0 is not allowed; remove it instead)."
+            )
+        if int(count) > MAX_TEMPLATE_SLOTS:
+            raise ValueError(
+                f"Slot {match.group(0)!r} asks for more than {MAX_TEMPLATE_SLOTS} answer tokens; the answer must fit "
+                "the model's context (config.max_position_embeddings)."
             )
         return int(count)
 
@@ -364,13 +371,23 @@ def _typed_conversation(conversation):
 
 
 def _typed_messages(messages):
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(
+            "The conversation must be a non-empty list of messages such as [{'role': 'user', 'content': 'Hi'}], "
+            f"got {messages!r}."
+        )
     typed = []
     for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"Each chat message must be a dict with 'role' and 'content' keys, got {message!r}.")
-        content = message.get("content")
+        content = message["content"]
         if isinstance(content, (list, tuple)):
             message = {**message, "content": [_typed_part(part) for part in content]}
+        elif not isinstance(content, str):
+            raise TypeError(
+                f"A message's 'content' must be a string or a list of parts ({{'type': 'text', 'text': ...}}, "
+                f"{{'type': 'image', 'image': ...}}), got {type(content).__name__}: {message!r}."
+            )
         typed.append(message)
     return typed
 
@@ -386,7 +403,13 @@ def _typed_part(part) -> dict:
         )
     if kind == "text" and not isinstance(part.get("text"), str):
         raise ValueError(f"A text part needs a string under 'text', got {part!r}.")
+    if kind == "video" and "video" in part and _is_empty(part["video"]):
+        raise ValueError("A video part holds no frames; pass a non-empty list of frames (or drop the part).")
     return {**part, "type": kind}
+
+
+def _is_empty(value) -> bool:
+    return (isinstance(value, (list, tuple)) and not value) or (hasattr(value, "shape") and 0 in value.shape)
 
 
 DimpleProcessor.register_for_auto_class("AutoProcessor")

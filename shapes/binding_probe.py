@@ -97,7 +97,8 @@ def main(argv=None):
 
     @torch.no_grad()
     def vision_norm(batch):
-        return model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).norm(dim=-1).mean().item()
+        features = model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        return torch.cat(features).norm(dim=-1).mean().item()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))

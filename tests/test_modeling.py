@@ -219,7 +219,7 @@ def test_precomputed_image_features_equal_pixel_path(tiny_model):
     ids = torch.tensor([[5] + image_block(config, [1, 4, 8]) + [6]])
     with torch.no_grad():
         direct = tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits
-        features = tiny_model.get_image_features(pixels, grid)
+        features = torch.cat(tiny_model.get_image_features(pixels, grid).pooler_output)  # one tensor per image
         reused = tiny_model(input_ids=ids, image_features=features, image_grid_thw=grid).logits
     assert features.shape == (8, config.hidden_size)
     torch.testing.assert_close(direct, reused)

@@ -5,13 +5,14 @@ bidirectional attention, multimodal RoPE). Both classes build on transformers' Q
 vision tower Dimple reuses unchanged.
 """
 
-from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
-
-# Importing the compat module checks the installed transformers version (the first Dimple module a loader imports).
+# Importing the compat module checks the installed transformers version, before anything else can fail on a release
+# this package does not support (this is the first Dimple module a loader imports).
 try:
     from .transformers_compat import check_transformers_version  # noqa: F401
 except ImportError:  # imported from the repository root rather than as remote code
     from transformers_compat import check_transformers_version  # noqa: F401
+
+from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig  # noqa: E402
 
 
 class DimpleVisionConfig(Qwen2_5_VLVisionConfig):

@@ -51,7 +51,7 @@ from transformers.activations import ACT2FN  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.image_processing_utils import BatchFeature  # noqa: E402
 from transformers.image_utils import ImageType, get_image_type  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
 from transformers.models.auto.tokenization_auto import get_tokenizer_config  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
@@ -75,6 +75,7 @@ def output_cache(output):
 
 __all__ = [
     "ACT2FN",
+    "BaseModelOutputWithPooling",
     "BaseStreamer",
     "BatchFeature",
     "CACHE_NAME",

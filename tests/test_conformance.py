@@ -1,0 +1,167 @@
+"""What transformers' common model and generation tests expect of a model, checked on Dimple.
+
+Cache reuse across calls (multi-turn chat, assisted decoding), `inputs_embeds`, the feature-extraction API, the
+config's output flags, packed (padding-free) sequences and `shift_labels`.
+"""
+
+import pytest
+import torch
+from conftest import TEXT_VOCAB, image_block, left_pad, make_tiny_model, random_pixels
+
+from transformers_compat import BaseModelOutputWithPooling, output_cache
+
+GRID = (1, 4, 6)  # one image: 24 patches, 6 placeholder tokens
+
+
+def text(start, count):
+    return [(start + 7 * i) % TEXT_VOCAB for i in range(count)]
+
+
+def image_prompt(config):
+    return text(1, 5) + image_block(config, GRID) + text(40, 4)
+
+
+def greedy(model, ids, **kwargs):
+    settings = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
+    return model.generate(ids, **{**settings, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------- cache reuse
+
+
+def test_multi_turn_chat_reuses_the_first_turns_cache_with_its_image():
+    model = make_tiny_model(full_attn_mask=False)  # causal: a reused cache gives exactly the recomputed answer
+    pixels, grid = random_pixels([GRID])
+    first_turn = torch.tensor([image_prompt(model.config)])
+    first = greedy(model, first_turn, pixel_values=pixels, image_grid_thw=grid, return_dict_in_generate=True)
+    second_turn = torch.cat([first.sequences, torch.tensor([text(90, 6)])], dim=1)
+    cache = output_cache(first)
+    cached_length = cache.get_seq_length()
+    assert 0 < cached_length < second_turn.shape[1]
+
+    reused = greedy(model, second_turn, pixel_values=pixels, image_grid_thw=grid, past_key_values=cache)
+    fresh = greedy(model, second_turn, pixel_values=pixels, image_grid_thw=grid)
+    assert torch.equal(reused, fresh)
+
+
+def test_text_only_generation_continues_from_a_cache():
+    model = make_tiny_model(full_attn_mask=False)
+    ids = torch.tensor([text(3, 8)])
+    first = greedy(model, ids, return_dict_in_generate=True)
+    cache = output_cache(first)
+    follow_up = torch.cat([first.sequences, torch.tensor([text(60, 3)])], dim=1)
+    assert torch.equal(greedy(model, follow_up, past_key_values=cache), greedy(model, follow_up))
+
+
+def test_assisted_decoding_with_the_model_as_its_own_assistant_equals_greedy():
+    model = make_tiny_model(full_attn_mask=False)
+    assistant = make_tiny_model(seed=1, full_attn_mask=False)
+    pixels, grid = random_pixels([GRID])
+    ids = torch.tensor([image_prompt(model.config)])
+    plain = greedy(model, ids, pixel_values=pixels, image_grid_thw=grid)
+    assisted = greedy(model, ids, pixel_values=pixels, image_grid_thw=grid, assistant_model=assistant)
+    assert torch.equal(plain, assisted)
+
+
+# --------------------------------------------------------------------------------------- inputs_embeds
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_inputs_embeds_give_the_input_ids_logits(tiny_model, with_image):
+    ids = torch.tensor([image_prompt(tiny_model.config) if with_image else text(2, 12)])
+    visual = dict(zip(("pixel_values", "image_grid_thw"), random_pixels([GRID]))) if with_image else {}
+    embeds = tiny_model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        from_ids = tiny_model(input_ids=ids, **visual)
+        from_embeds = tiny_model(inputs_embeds=embeds, **visual)
+    torch.testing.assert_close(from_embeds.logits, from_ids.logits)
+    assert torch.equal(from_embeds.rope_deltas, from_ids.rope_deltas)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_generate_from_inputs_embeds_continues_like_from_input_ids(with_image):
+    model = make_tiny_model(full_attn_mask=False)
+    ids = torch.tensor([image_prompt(model.config) if with_image else text(2, 12)])
+    visual = dict(zip(("pixel_values", "image_grid_thw"), random_pixels([GRID]))) if with_image else {}
+    from_ids = greedy(model, ids, **visual)[:, ids.shape[1] :]
+    from_embeds = greedy(model, None, inputs_embeds=model.get_input_embeddings()(ids), **visual)
+    assert torch.equal(from_embeds[:, -from_ids.shape[1] :], from_ids)
+
+
+# ----------------------------------------------------------------------------------- feature extraction
+
+
+def test_get_image_features_returns_per_image_projected_features_and_tower_outputs(tiny_model):
+    pixels, grid = random_pixels([GRID, (1, 2, 2)])
+    out = tiny_model.get_image_features(pixels, grid, output_hidden_states=True)
+    assert isinstance(out, BaseModelOutputWithPooling)
+    assert [f.shape for f in out.pooler_output] == [(6, 32), (1, 32)]  # t*h*w/4 rows each, decoder width 32
+    assert out.last_hidden_state.shape == (28, 16)  # the tower's per-patch states (vision width 16)
+    assert len(out.hidden_states) == tiny_model.config.vision_config.depth + 1
+    # The features are what the forward writes into the placeholder slots.
+    ids = torch.tensor([image_block(tiny_model.config, GRID) + image_block(tiny_model.config, (1, 2, 2))])
+    with torch.no_grad():
+        direct = tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits
+        precomputed = tiny_model(input_ids=ids, image_features=torch.cat(out.pooler_output), image_grid_thw=grid)
+    torch.testing.assert_close(precomputed.logits, direct)
+
+
+# ------------------------------------------------------------------------------------------ output flags
+
+
+def test_config_output_flags_apply_when_the_call_does_not_set_them():
+    model = make_tiny_model(output_hidden_states=True, output_attentions=True, attn_implementation="eager")
+    ids = torch.tensor([text(5, 6)])
+    with torch.no_grad():
+        out = model(input_ids=ids)
+        off = model(input_ids=ids, output_hidden_states=False, output_attentions=False)
+    layers = model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    assert off.hidden_states is None and off.attentions is None
+
+
+# ------------------------------------------------------------------------------------- packed sequences
+
+
+@pytest.mark.parametrize("full_attn_mask", [True, False])
+def test_packed_sequences_give_the_padded_batch_logits(full_attn_mask):
+    model = make_tiny_model(full_attn_mask=full_attn_mask)
+    rows = [image_prompt(model.config), text(9, 7), text(30, 11)]
+    pixels, grid = random_pixels([GRID])
+    padded_ids, mask = left_pad(rows, pad_id=model.config.pad_token_id)
+    with torch.no_grad():
+        padded = model(input_ids=padded_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
+        # Padding-free: one row, positions restarting at 0 for each sequence (as DataCollatorWithFlattening does).
+        positions = torch.cat([model.get_rope_index(torch.tensor([row]), grid if i == 0 else None)[0]
+                               for i, row in enumerate(rows)], dim=2)  # fmt: skip
+        packed_ids = torch.tensor([sum(rows, [])])
+        packed = model(input_ids=packed_ids, position_ids=positions, pixel_values=pixels, image_grid_thw=grid)
+    expected = torch.cat([padded.logits[b, mask[b].bool()] for b in range(len(rows))])
+    torch.testing.assert_close(packed.logits[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_text_positions_may_be_two_dimensional(tiny_model):
+    rows = [text(1, 5), text(20, 4)]
+    positions = torch.tensor([[*range(5), *range(4)]])
+    with torch.no_grad():
+        packed = tiny_model(input_ids=torch.tensor([sum(rows, [])]), position_ids=positions).logits[0]
+        alone = [tiny_model(input_ids=torch.tensor([row])).logits[0] for row in rows]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ shift_labels
+
+
+def test_shift_labels_give_the_labels_loss(tiny_model):
+    ids = torch.tensor([text(4, 10), text(8, 10)])
+    labels = ids.clone()
+    labels[:, :4] = -100
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    with torch.no_grad():
+        from_labels = tiny_model(input_ids=ids, labels=labels).loss
+        from_shifted = tiny_model(input_ids=ids, shift_labels=shifted).loss
+        by_hand = torch.nn.functional.cross_entropy(
+            tiny_model(input_ids=ids).logits.flatten(0, 1), shifted.flatten(), ignore_index=-100
+        )
+    torch.testing.assert_close(from_shifted, from_labels)
+    torch.testing.assert_close(from_shifted, by_hand)
