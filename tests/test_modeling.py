@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -332,6 +333,40 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
         tiny_model()
     with pytest.raises(ValueError, match="attn_implementation"):
         DimpleForConditionalGeneration._from_config(make_tiny_config(), attn_implementation="bogus")
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(input_ids=torch.tensor([[5, 300, 6]])), ValueError, "token id 300, outside the model's vocabulary"),
+        (dict(input_ids=torch.tensor([[5, -1, 6]])), ValueError, "token id -1"),
+        (dict(input_ids=torch.tensor([[5.0, 6.0]])), TypeError, "integer token ids"),
+        (dict(pixel_values=None, image_grid_thw=None), ValueError, "no `pixel_values` was given"),
+        (dict(image_grid_thw=torch.tensor([[0, 4, 4]])), ValueError, "positive"),
+        (dict(image_grid_thw=torch.tensor([[1, -4, -4]])), ValueError, "positive"),
+        (dict(image_grid_thw=torch.tensor([[1.0, 4.0, 4.0]])), TypeError, "integer torch.Tensor"),
+        (dict(image_grid_thw=torch.tensor([[1, 1, 16]])), ValueError, "multiples of 2"),
+        (dict(image_grid_thw=torch.tensor([[4, 2, 2]])), ValueError, "t = 1"),
+        (dict(pixel_values=torch.randn(16, 100)), ValueError, "expected \\(16, 1176\\)"),
+        (dict(pixel_values=torch.full((16, 1176), float("nan"))), ValueError, "NaN"),
+        (dict(pixel_values=np.zeros((16, 1176), dtype=np.float32)), TypeError, "float torch.Tensor"),
+    ],
+)
+def test_malformed_model_inputs_raise_before_any_work(tiny_model, change, error, match):
+    config = tiny_model.config
+    pixels, grid = random_pixels([[1, 4, 4]])
+    inputs = dict(input_ids=torch.tensor([[5] + image_block(config, [1, 4, 4]) + [6]]), pixel_values=pixels,
+                  image_grid_thw=grid)  # fmt: skip
+    inputs.update(change)
+    calls = []
+    hook = tiny_model.visual.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(error, match=match):
+            tiny_model(**inputs)
+    finally:
+        hook.remove()
+    if "image_grid_thw" in change or "pixel_values" in change:
+        assert calls == []  # checked before the vision tower runs
 
 
 # ----------------------------------------------------------------------------------- save and reload

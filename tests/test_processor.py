@@ -317,6 +317,28 @@ def test_bad_chat_content_raises(processor, content, message):
         processor.apply_chat_template([{"role": "user", "content": content}])
 
 
+@pytest.mark.parametrize(
+    "conversation, error, message",
+    [
+        ([], ValueError, "non-empty list of messages"),
+        ([{"role": "user"}], ValueError, "'role' and 'content' keys"),
+        ([{"role": "user", "content": 42}], TypeError, "must be a string or a list of parts"),
+        ([{"role": "user", "content": None}], TypeError, "must be a string or a list of parts"),
+        ([{"role": "user", "content": [{"type": "video", "video": []}]}], ValueError, "holds no frames"),
+    ],
+)
+def test_malformed_conversations_raise(processor, conversation, error, message):
+    with pytest.raises(error, match=message):
+        processor.apply_chat_template(conversation)
+
+
+def test_template_slot_followed_by_a_full_stop_is_not_a_fraction(processor, tokenizer):
+    mask = tokenizer.mask_token_id
+    assert processor.encode_response_template("It is <|mask|>*2.") == (
+        tokenizer.encode("It is ", add_special_tokens=False) + [mask, mask] + tokenizer.encode(".", add_special_tokens=False)
+    )
+
+
 # ------------------------------------------------------------------------------------------- processor
 def test_batch_expands_each_placeholder_per_image(processor):
     images = [random_image(61, 100, seed=5), random_image(300, 29, seed=6), random_image(1000, 1000, seed=7)]
@@ -427,6 +449,8 @@ def test_response_template_ids(processor, tokenizer):
         ("Color: <|mask|>*0", ValueError, "length 0"),
         ("Color: <|mask|>*", ValueError, "whole number"),
         ("Color: <|mask|>*-2", ValueError, "whole number"),
+        ("Color: <|mask|>*2.5", ValueError, "whole number"),
+        ("Color: <|mask|>*1000000000", ValueError, "more than 131072"),
         ("No slot here", ValueError, "no mask slot"),
         (42, TypeError, "string or a list of strings"),
     ],
