@@ -15,11 +15,11 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DimpleGenerationMixin
+    from .generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from .transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
 except ImportError:  # imported from the repository root rather than as remote code
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DimpleGenerationMixin
+    from generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from transformers_compat import ACT2FN, CACHE_NAME, CausalLMOutputWithPast, cache_kwarg, output_cache
 
 
@@ -224,6 +224,68 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             positions[:, b, real] = row
             deltas[b] = int(row.max()) + 1 - length
         return positions, deltas
+
+    # The stock `generate` decodes left to right once positions follow Dimple's multimodal RoPE: the first forward
+    # computes them from the image grids (`get_rope_index`) and returns `rope_deltas`; cached steps place a new token
+    # at its index + delta. Attention is bidirectional by default, so cached decoding is not the same as re-running
+    # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` it is.
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
+        `max_new_tokens`, `eos_token_id`, streamers, `num_return_sequences` with images). Use `diffusion_generate` to
+        answer with the diffusion decoder.
+
+        With the default bidirectional attention (`config.full_attn_mask=True`), `use_cache=False` re-runs the whole
+        sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
+        later tokens existed, so the two can differ after the first new token. With causal attention they agree.
+        """
+        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
+        if misplaced:
+            raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """No 1-D positions from the attention mask: `forward` derives multimodal positions itself."""
+        return None
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if getattr(outputs, "rope_deltas", None) is not None:
+            model_kwargs["rope_deltas"] = outputs.rope_deltas  # cached steps: position = index + delta
+        return model_kwargs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Repeat each prompt's own images with it (the stock version would interleave single patch rows)."""
+        visual = {}
+        if expand_size > 1 and input_ids is not None:
+            for pixels, grid, token_id in (
+                ("pixel_values", "image_grid_thw", self.config.image_token_id),
+                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
+            ):
+                if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
+                    visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
+                        input_ids, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
+                    )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(visual)
+        return input_ids, model_kwargs
+
+    def _repeat_visual_per_prompt(self, input_ids, pixels, grid, token_id, times):
+        """Group the patch rows and grids by prompt (images are counted by `<|vision_start|>` + placeholder)."""
+        starts = (input_ids[:, :-1] == self.config.vision_start_token_id) & (input_ids[:, 1:] == token_id)
+        per_prompt = starts.sum(1).tolist()
+        if sum(per_prompt) != grid.shape[0]:
+            raise ValueError(f"The prompts hold {sum(per_prompt)} vision blocks but the grid has {grid.shape[0]} rows.")
+        grids = grid.split(per_prompt)
+        patches = pixels.split([int(g.prod(-1).sum()) for g in grids])
+        return (
+            torch.cat([p for p in patches for _ in range(times)]),
+            torch.cat([g for g in grids for _ in range(times)]),
+        )
 
     # --------------------------------------------------------------------------------------------- forward
 
