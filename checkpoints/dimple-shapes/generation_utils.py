@@ -873,7 +873,7 @@ class DimpleGenerationMixin(GenerationMixin):
         unknown = sorted(set(unused) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
         if unknown:
             raise TypeError(f"diffusion_generate got unknown arguments {unknown} (neither settings nor model inputs).")
-        return config, {k: v for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
+        return config, {k: v.to(self.device) for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
 
     def _diffusion_batch(
         self, input_ids, attention_mask, response_template, config, visual, max_length_passed
@@ -903,7 +903,6 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         if not (attention_mask == 1).any(1).all():
             raise ValueError("Every prompt needs at least one real token (a row of `attention_mask` is all zeros).")
-        self._check_visual_inputs(visual)
 
         prompt, prompt_mask = left_align(input_ids, attention_mask)
         batch_size, prompt_length = prompt.shape
@@ -927,29 +926,16 @@ class DimpleGenerationMixin(GenerationMixin):
         )
         return self._repeat_rows(batch, config.num_return_sequences)
 
-    def _check_visual_inputs(self, visual):
-        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-            if (pixels in visual) != (grid in visual):
-                given, missing = (pixels, grid) if pixels in visual else (grid, pixels)
-                raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
-
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
         """Token embeddings with the image/video features written into their placeholder slots (encoded once)."""
         embeds = self.get_input_embeddings()(prompt)
-        for pixels, grid, token_id, encode in (
-            ("pixel_values", "image_grid_thw", self.config.image_token_id, self.get_image_features),
-            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id, self.get_video_features),
+        for pixels, grid, token_id, encode, name in (
+            ("pixel_values", "image_grid_thw", self.config.image_token_id, self.get_image_features, "image"),
+            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id, self.get_video_features, "video"),
         ):
-            if pixels not in visual:
-                continue
-            features = encode(visual[pixels].to(self.device), visual[grid].to(self.device))
-            slots = prompt == token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise ValueError(
-                    f"The prompts hold {int(slots.sum())} placeholder tokens (id {token_id}) but `{pixels}` gives "
-                    f"{features.shape[0]} feature rows; build the prompt and the pixels with the processor."
-                )
-            embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+            if pixels in visual or grid in visual:
+                features = encode(visual.get(pixels), visual.get(grid))
+                embeds = self._scatter_features(embeds, prompt, token_id, features, name)
         return embeds
 
     @staticmethod

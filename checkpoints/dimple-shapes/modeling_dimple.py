@@ -85,6 +85,13 @@ def attention_mask_4d(
     return visible[:, None]
 
 
+def check_vision_pair(pixels_name: str, pixels, grid_name: str, grid) -> None:
+    """Pixels and their grid come together (the grid says how the patch rows form images)."""
+    if (pixels is None) != (grid is None):
+        given, missing = (pixels_name, grid_name) if pixels is not None else (grid_name, pixels_name)
+        raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
+
+
 def vision_token_positions(
     grid_thw: torch.Tensor, merge_size: int, start: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
@@ -131,9 +138,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     # ----------------------------------------------------------------------------------------------- vision
 
     def _encode_visual(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, name: str) -> torch.Tensor:
-        if grid_thw is None:
-            grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
-            raise ValueError(f"`{name}` was given without `{grid_name}`; pass both (the processor returns both).")
+        grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
+        check_vision_pair(name, pixel_values, grid_name, grid_thw)
         patches = int(grid_thw.prod(-1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != patches:
             raise ValueError(
@@ -153,6 +159,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos")
 
     def _scatter_features(self, embeds, input_ids, token_id, features, name):
+        """Write `features` into the `token_id` placeholder slots of `embeds`; the counts must match. (Also used by
+        `diffusion_generate`, which encodes the images once per call.)"""
         slots = input_ids == token_id
         if int(slots.sum()) != features.shape[0]:
             raise ValueError(
