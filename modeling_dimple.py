@@ -15,13 +15,13 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DimpleGenerationMixin
+    from .generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
 except ImportError:  # imported from the repository root rather than as remote code
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DimpleGenerationMixin
+    from generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
@@ -93,6 +93,13 @@ def attention_mask_4d(
     return visible[:, None]
 
 
+def check_vision_pair(pixels_name: str, pixels, grid_name: str, grid) -> None:
+    """Pixels and their grid come together (the grid says how the patch rows form images)."""
+    if (pixels is None) != (grid is None):
+        given, missing = (pixels_name, grid_name) if pixels is not None else (grid_name, pixels_name)
+        raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
+
+
 def vision_token_positions(
     grid_thw: torch.Tensor, merge_size: int, start: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
@@ -160,6 +167,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     def get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs) -> BaseModelOutputWithPooling:
         """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
         return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
+
+    @staticmethod
+    def check_vision_pairs(visual: dict) -> None:
+        """Pixels and grids come in pairs (a grid alone would give M-RoPE positions to an image never encoded)."""
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            check_vision_pair(pixels, visual.get(pixels), grid, visual.get(grid))
 
     def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
         """Where `inputs_embeds` holds the embeddings of the vision special tokens: their ids there, -1 elsewhere.
@@ -480,6 +493,20 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
     # agree.
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
+        `max_new_tokens`, `eos_token_id`, streamers, `num_return_sequences` with images). Use `diffusion_generate` to
+        answer with the diffusion decoder.
+
+        With the default bidirectional attention (`config.full_attn_mask=True`), `use_cache=False` re-runs the whole
+        sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
+        later tokens existed, so the two can differ after the first new token. With causal attention they agree.
+        """
+        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
+        if misplaced:
+            raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
+        return super().generate(inputs, generation_config, **kwargs)
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""
         input_ids = model_kwargs.get("input_ids")
@@ -589,8 +616,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
 
 def check_visual_inputs(pixel_values, grid_thw, name: str, grid_name: str, vision_config) -> None:
     """Pixels and grid must describe each other: the processor's output, checked before the vision tower runs."""
-    if grid_thw is None:
-        raise ValueError(f"`{name}` was given without `{grid_name}`; pass both (the processor returns both).")
+    check_vision_pair(name, pixel_values, grid_name, grid_thw)
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
         raise TypeError(
             f"`{name}` must be a float torch.Tensor (the processor's `return_tensors='pt'`), got "

@@ -56,9 +56,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+try:
+    from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+except ImportError:  # imported from the repository root rather than as a package
+    from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+ANSWER_PLACEHOLDER = "\x00answer\x00"  # stands for an answer while the chat template renders the prompts
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 OBJECTIVES = ("ar", "diffusion")
 MASK_STRATEGIES = ("single", "dual")
@@ -213,6 +218,17 @@ def parse_sample(sample, index: int = 0) -> ChatSample:
     return ChatSample(system, turns, images)
 
 
+def chat_parts(text: str) -> list[dict]:
+    """User text with `<image>` markers as chat-template content parts: text, image, text..."""
+    parts = []
+    for position, piece in enumerate(text.split(IMAGE_MARKER)):
+        if position:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 def _role_and_content(message, where):
     if not isinstance(message, dict):
         raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}.")
@@ -357,14 +373,14 @@ class EncodedSample:
 class DimpleDataCollator:
     """Turn chat samples into Dimple training batches (reference §6.1).
 
-    Each sample becomes the piecewise stream
+    The prompts are rendered by the processor's chat template, the one that builds inference prompts:
     `<|im_start|>system\\n{system}<|im_end|>`, then per turn `\\n<|im_start|>user\\n{question}<|im_end|>\\n`
     `<|im_start|>assistant\\n` and the answer tokens **without** `<|im_end|>`, followed by `<|endoftext|>` pads.
     Each `<image>` becomes `<|vision_start|>`, t*h*w/merge² `<|image_pad|>`, `<|vision_end|>`. Labels are -100
     except on answers and their pads; `answer_mask` marks the same positions.
 
     Args:
-        processor: a `DimpleProcessor` (anything with `.tokenizer` and `.image_processor`).
+        processor: a `DimpleProcessor` (its chat template, `.tokenizer` and `.image_processor`).
         objective: `"ar"` (labels on answers) or `"diffusion"` (answers masked, labels only on masked slots).
         mask_strategy: `"single"` or `"dual"` (complementary copies; doubles the batch, images included).
         answer_padding: `"dynamic"` (total answer length drawn from [n + 1, U(n)], see `answer_length_bound`) or
@@ -449,10 +465,8 @@ class DimpleDataCollator:
             answer.extend([is_answer] * len(tokens))
 
         system = chat.system if chat.system is not None else self.system_prompt
-        append(self._encode_text(f"<|im_start|>system\n{system}<|im_end|>"), False)
-        for question, reply in chat.turns:
-            question = self._expand_images(question, blocks)
-            append(self._encode_text(f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), False)
+        for prompt, (_, reply) in zip(self._prompts(system, chat.turns), chat.turns):
+            append(self._encode_text(self._expand_images(prompt, blocks)), False)
             append(self._pad_answer(self._encode_text(reply), generator), True)
 
         self._check_image_tokens(ids, image_tokens, where)
@@ -467,12 +481,24 @@ class DimpleDataCollator:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _prompts(self, system: str, turns) -> list[str]:
+        """The text before each answer, rendered by the processor's chat template (the one inference prompts come
+        from): the system turn, first question and assistant header, then each later question and header.
+
+        Each answer is rendered as a placeholder and cut out together with the end-of-turn token that the template
+        puts after it: a training answer ends in pads instead.
+        """
+        messages = [{"role": "system", "content": system}]
+        for question, _ in turns:
+            messages.append({"role": "user", "content": chat_parts(question)})
+            messages.append({"role": "assistant", "content": ANSWER_PLACEHOLDER})
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        return text.split(ANSWER_PLACEHOLDER + self.tokenizer.eos_token)[:-1]
+
     def _expand_images(self, text: str, blocks) -> str:
-        pieces = text.split(IMAGE_MARKER)
-        expanded = [pieces[0]]
-        for piece in pieces[1:]:
-            expanded.append(f"<|vision_start|>{'<|image_pad|>' * next(blocks)}<|vision_end|>{piece}")
-        return "".join(expanded)
+        """One `<|image_pad|>` per image (as rendered) becomes the image's t*h*w/merge² copies."""
+        pieces = text.split(IMAGE_TOKEN)
+        return "".join([pieces[0]] + [IMAGE_TOKEN * next(blocks) + piece for piece in pieces[1:]])
 
     def _pad_answer(self, tokens: list[int], generator) -> list[int]:
         if self.answer_padding == "fixed":

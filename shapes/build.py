@@ -20,6 +20,7 @@ from configuration_dimple import DimpleConfig  # noqa: E402
 from generation_utils import DimpleGenerationConfig  # noqa: E402
 from image_processing_dimple import DimpleImageProcessor  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
+import processing_dimple  # noqa: E402
 from processing_dimple import DimpleProcessor, build_dimple_tokenizer  # noqa: E402
 from shapes.task import IMAGE_SIZE, corpus  # noqa: E402
 from transformers_compat import PRETOKENIZE_REGEX  # noqa: E402
@@ -86,18 +87,18 @@ def build_processor(tokenizer=None) -> DimpleProcessor:
 
 
 def special_ids(tokenizer) -> dict:
-    ids = lambda token: tokenizer.convert_tokens_to_ids(token)  # noqa: E731
-    return dict(
-        pad_token_id=ids("<|endoftext|>"),
-        bos_token_id=ids("<|im_start|>"),
-        eos_token_id=ids("<|im_end|>"),
-        mask_token_id=ids("<|mask|>"),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        vision_token_id=ids("<|vision_pad|>"),
+    tokens = dict(
+        pad_token_id=processing_dimple.PAD_TOKEN,
+        bos_token_id=processing_dimple.BOS_TOKEN,
+        eos_token_id=processing_dimple.EOS_TOKEN,
+        mask_token_id=processing_dimple.MASK_TOKEN,
+        image_token_id=processing_dimple.IMAGE_TOKEN,
+        video_token_id=processing_dimple.VIDEO_TOKEN,
+        vision_start_token_id=processing_dimple.VISION_START_TOKEN,
+        vision_end_token_id=processing_dimple.VISION_END_TOKEN,
+        vision_token_id=processing_dimple.VISION_PAD_TOKEN,
     )
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
 
 
 def build_config(tokenizer, **decoder_overrides) -> DimpleConfig:

@@ -1,7 +1,7 @@
 """Evaluate a shapes Dimple on held-out questions: accuracy and forward passes for each decoding setting.
 
     python shapes/evaluate.py                                  # the shipped checkpoint, every setting, 500 questions
-    python shapes/evaluate.py --model /work/ablation/diffusion-only --settings confident-0.9
+    python shapes/evaluate.py --model runs/diffusion-only --settings confident-0.9
     python shapes/evaluate.py --json results.json
 
 Metrics per setting, over the held-out split (never seen in training):
@@ -98,12 +98,11 @@ def answer_batch(model, processor, examples, options: dict, template: str | None
     fixed = fixed_tokens(processor, template)
     output = model.diffusion_generate(**inputs, **options, **extra, return_dict_in_generate=True)
     answers = output.sequences[:, inputs["input_ids"].shape[1]:]
-    pad_ids = {processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id}
     return {
         "texts": processor.post_process_answer(answers),
         "passes": output.num_forward_passes.tolist(),
         # Only the tokens the model produced count; a template's fixed tokens are not decoded.
-        "tokens": [len(trim(row, pad_ids, processor.mask_token_id)) - fixed for row in answers.tolist()],
+        "tokens": [len(processor.answer_ids(row)) - fixed for row in answers.tolist()],
     }
 
 
@@ -112,13 +111,6 @@ def fixed_tokens(processor, template: str | None) -> int:
     if not template:
         return 0
     return sum(token != processor.mask_token_id for token in processor.encode_response_template(template))
-
-
-def trim(ids: list[int], pad_ids: set, mask_id: int) -> list[int]:
-    ids = [token for token in ids if token != mask_id]
-    while ids and ids[-1] in pad_ids:
-        ids.pop()
-    return ids
 
 
 def evaluate(model, processor, examples, setting: Setting, batch_size: int = 50) -> dict:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from processing_dimple import DEFAULT_SYSTEM_PROMPT
+
 IMAGE_SIZE = 84
 # The background shades from dark grey on the left to near white on the right. The vision tower only knows relative
 # (rotary) positions, so on a flat background a vision token cannot tell where it lies (a model trained that way
@@ -34,7 +36,6 @@ NUMBERS = ("zero", "one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "position", "attributes", "description")
 # The attributes answer format, and the structure prior that pins it (one slot per attribute word).
 ATTRIBUTES_TEMPLATE = "Color:<|mask|> Shape:<|mask|>"
-SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ def messages(example_or_question, with_answer: bool = False) -> list[dict]:
 def corpus() -> list[str]:
     """Every word the task can produce (used to train the tokenizer's merges)."""
     rng = random.Random(12345)
-    texts = [SYSTEM_PROMPT, "system", "user", "assistant", ATTRIBUTES_TEMPLATE.replace("<|mask|>", " ")]
+    texts = [DEFAULT_SYSTEM_PROMPT, "system", "user", "assistant", ATTRIBUTES_TEMPLATE.replace("<|mask|>", " ")]
     for _ in range(3000):
         example = make_example(rng)
         texts += [example.question, example.answer]

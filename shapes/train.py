@@ -1,7 +1,7 @@
 """Train the small shapes Dimple with the repository's training library: autoregressive, then diffusion.
 
     python shapes/train.py                      # the shipped recipe and seed -> checkpoints/dimple-shapes
-    python shapes/train.py --diffusion-only --output /work/ablation/diffusion-only   # the paper's ablation
+    python shapes/train.py --diffusion-only --output runs/diffusion-only   # the paper's ablation
     python shapes/train.py --smoke --output /tmp/smoke                            # 2 steps per stage
 
 Recipe (reference §6, scaled to a toy trained from scratch):

@@ -109,7 +109,7 @@ def test_training_script_smoke_run(tmp_path):
 
 
 def test_binding_probe_runs_a_variant(capsys):
-    from shapes.binding_probe import main
+    from shapes.probes.binding_probe import main
 
     main(["--steps", "2", "--every", "2", "--layers", "2", "--key-value-heads", "6"])
     report = re.fullmatch(r"step 2: loss [\d.]+, binding ([\d.]+)%, vision norm \d+, \d+ s\n", capsys.readouterr().out)
@@ -117,7 +117,7 @@ def test_binding_probe_runs_a_variant(capsys):
 
 
 def test_inspect_binding_reads_the_shipped_vision_tokens(capsys):
-    from shapes.inspect_binding import main
+    from shapes.probes.inspect_binding import main
 
     main(["--questions", "1500", "--threads", "1"])
     out = capsys.readouterr().out

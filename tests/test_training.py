@@ -144,6 +144,25 @@ def test_collator_two_turns_two_images_by_hand(processor):
     assert torch.equal(batch["pixel_values"], reference["pixel_values"])
 
 
+def test_training_prompt_is_the_inference_prompt(processor):
+    """The collator's tokens before the answer are what the processor gives `diffusion_generate` at inference."""
+    sample = {
+        "messages": [
+            {"role": "user", "content": "Name the <image> color ?"},
+            {"role": "assistant", "content": "red square"},
+        ],
+        "images": [picture(84, 56)],
+    }
+    encoded = DimpleDataCollator(processor).encode(sample)
+    prompt_length = int(encoded.answer_mask.long().argmax())
+    question = [{"type": "text", "text": "Name the "}, {"type": "image"}, {"type": "text", "text": " color ?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    inference = processor(text=[text], images=sample["images"], return_tensors="pt")
+    assert encoded.input_ids[:prompt_length].tolist() == inference["input_ids"][0].tolist()
+    assert torch.equal(encoded.pixel_values, inference["pixel_values"])
+    assert encoded.input_ids[prompt_length:].tolist()[:2] == [W["red"], W["square"]]
+
+
 def test_collator_reads_llava_layout_and_image_files(processor, tmp_path):
     first, second = two_turn_sample()["images"]
     first.save(tmp_path / "one.png")

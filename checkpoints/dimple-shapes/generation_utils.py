@@ -15,12 +15,13 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 (spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
 """
 
+import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, GenerationMixin
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, TopKLogitsWarper
 
 try:
     from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
@@ -33,37 +34,47 @@ RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
 PIPELINES = ("dim", "dream")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
-# Settings only `diffusion_generate` understands (the stock `generate` rejects them).
-DIFFUSION_ONLY_SETTINGS = (
-    "steps",
-    "eps",
-    "alg",
-    "alg_temp",
-    "alg_p_threshold",
-    "use_original_confidence",
-    "decoding_pipeline",
-    "cache_refresh_interval",
-    "cuda_graph",
-    "output_history",
-)
-# Settings read by `diffusion_generate`; a keyword argument with one of these names is a setting, not a model input.
-DIFFUSION_SETTINGS = (
-    DIFFUSION_ONLY_SETTINGS
-    + ("max_new_tokens", "max_length", "temperature", "top_p", "top_k", "use_cache")
-    + ("num_return_sequences", "return_dict_in_generate")
-    + SPECIAL_IDS
-)
-DIFFUSION_ONLY_ARGUMENTS = DIFFUSION_ONLY_SETTINGS + (
-    "response_template",
-    "generation_tokens_hook_func",
-    "generation_logits_hook_func",
-)
-UPSTREAM_DEFAULT_MAX_LENGTH = 20
+# The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
+DIFFUSION_DEFAULTS = {
+    "steps": 512,
+    "eps": 1e-3,
+    "alg": "origin",
+    "alg_temp": None,
+    "alg_p_threshold": None,
+    "use_original_confidence": True,
+    "decoding_pipeline": "dim",
+    "cache_refresh_interval": 0,
+    "compile_step": False,
+    "output_history": False,
+    "mask_token_id": None,
+}
+# Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
+# standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
+SHARED_DEFAULTS = {
+    "temperature": 0.0,
+    "max_length": 20,
+    "use_cache": False,
+    "num_return_sequences": 1,
+    "return_dict_in_generate": False,
+    "max_new_tokens": None,
+    "top_p": None,
+    "top_k": None,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
+DIFFUSION_ONLY_ARGUMENTS = (*DIFFUSION_DEFAULTS, "response_template", "generation_tokens_hook_func",
+                            "generation_logits_hook_func")  # fmt: skip
+UPSTREAM_DEFAULT_MAX_LENGTH = SHARED_DEFAULTS["max_length"]
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
     max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
     use_original_confidence=True, decoding_pipeline="dim", use_cache=True,
 )
+
+
+def is_diffusion_setting(name: str) -> bool:
+    return name in DIFFUSION_DEFAULTS or name in SHARED_DEFAULTS
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -105,9 +116,11 @@ class DimpleGenerationConfig(GenerationConfig):
             once at step 0 and reused; later steps run only the answer plus the last prompt token.
         cache_refresh_interval (`int`, defaults to 0): with `use_cache`, recompute the whole sequence (and the cached
             prompt) every k steps, so the prompt sees the current answer; 0 never refreshes (the released behaviour).
-        cuda_graph (`bool`, defaults to `False`): with `use_cache` on a CUDA device, capture the cached step once as
-            a CUDA graph and replay it for every later step (all cached steps have the same shapes). Same tokens as
-            the eager path; removes the per-step launch overhead that dominates small batches.
+        compile_step (`bool`, defaults to `False`): with `use_cache`, run each cached step (the forward of the N
+            answer slots against the prompt cache, then the slot selection) as one `torch.compile(fullgraph=True)`
+            graph; on CUDA with `mode="reduce-overhead"`, which captures it as a CUDA graph and replays it. Same
+            tokens as the eager step; removes the Python and launch overhead that dominates small steps. The first
+            call of a new shape compiles (tens of seconds).
         num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
             random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
         output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each
@@ -119,25 +132,10 @@ class DimpleGenerationConfig(GenerationConfig):
     """
 
     def __init__(self, **kwargs):
-        self.steps = kwargs.pop("steps", 512)
-        self.eps = kwargs.pop("eps", 1e-3)
-        self.alg = kwargs.pop("alg", "origin")
-        self.alg_temp = kwargs.pop("alg_temp", None)
-        self.alg_p_threshold = kwargs.pop("alg_p_threshold", None)
-        self.use_original_confidence = kwargs.pop("use_original_confidence", True)
-        self.decoding_pipeline = kwargs.pop("decoding_pipeline", "dim")
-        self.cache_refresh_interval = kwargs.pop("cache_refresh_interval", 0)
-        self.cuda_graph = kwargs.pop("cuda_graph", False)
-        self.output_history = kwargs.pop("output_history", False)
-        self.mask_token_id = kwargs.pop("mask_token_id", None)
-        for name, value in (
-            ("temperature", 0.0),
-            ("max_length", UPSTREAM_DEFAULT_MAX_LENGTH),
-            ("use_cache", False),
-            ("num_return_sequences", 1),
-            ("return_dict_in_generate", False),
-        ):
-            kwargs.setdefault(name, value)
+        for name, default in DIFFUSION_DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        for name, default in SHARED_DEFAULTS.items():
+            kwargs.setdefault(name, default)
         super().__init__(**kwargs)
 
     @classmethod
@@ -211,8 +209,8 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("top_k", "a non-negative integer (0 or None disables it)")
         if not is_int(self.cache_refresh_interval) or self.cache_refresh_interval < 0:
             fail("cache_refresh_interval", "an integer >= 0 (0 never refreshes)")
-        if self.cuda_graph and not self.use_cache:
-            raise ValueError("`cuda_graph=True` replays the cached step: it needs `use_cache=True`.")
+        if self.compile_step and not self.use_cache:
+            raise ValueError("`compile_step=True` compiles the cached step: it needs `use_cache=True`.")
         if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
             fail("num_return_sequences", "an integer >= 1")
         if self.num_return_sequences > 1 and not self.is_random:
@@ -322,19 +320,17 @@ class DiffusionTextStreamer(BaseStreamer):
 
 
 def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `top_p`; the top-1 token always stays."""
+    """Keep the smallest set of tokens whose probability reaches `top_p`; the top-1 token always stays.
+
+    Hand-written rather than transformers' `TopPLogitsWarper`: the warper sums the tail in ascending order, which
+    rounds differently at the boundary and so is not bit-identical to the released rule kept here.
+    """
     sorted_logits, sorted_indices = torch.sort(logits, descending=True)
     cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
     remove = cumulative > top_p
-    remove[..., 1:] = remove[..., :-1].clone()  # shift right: keep the token that crosses the mass
-    remove[..., 0] = False
-    remove = torch.zeros_like(remove).scatter_(-1, sorted_indices, remove)
+    remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)  # keep the crossing token
+    remove = torch.zeros_like(remove).scatter(-1, sorted_indices, remove)
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
-
-
-def top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None]
-    return logits.masked_fill(logits < kth_largest, torch.finfo(logits.dtype).min)
 
 
 def sample_tokens(
@@ -344,13 +340,15 @@ def sample_tokens(
     top_k: int | None = None,
     confidence: str = "probability",
     use_original_confidence: bool = False,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick a token for each row of `logits` [M, V] and score it; returns (confidence [M], tokens [M]).
+    """Pick a token for each slot of `logits` [..., V] and score it; returns (confidence [...], tokens [...]).
 
     Tokens: sampled from the tempered, top-p/top-k filtered distribution p when temperature > 0, else argmax of p.
-    Confidence, from p or, with `use_original_confidence`, from the unfiltered softmax: "probability" of the chosen
-    token, "margin" (top-1 minus top-2 probability) or "entropy" (sum p log p, i.e. minus the entropy). All in the
-    logits' dtype, like the released code (bf16 in bf16 runs).
+    Sampling is argmax(p / noise) with `noise` ~ Exp(1) of the logits' shape (drawn here when not given), which
+    picks token i with probability p_i without a host sync. Confidence, from p or, with `use_original_confidence`,
+    from the unfiltered softmax: "probability" of the chosen token, "margin" (top-1 minus top-2 probability) or
+    "entropy" (sum p log p, i.e. minus the entropy). All in the logits' dtype, like the released code.
     """
     raw_probs = F.softmax(logits, dim=-1) if use_original_confidence else None
     if temperature and temperature > 0:
@@ -358,116 +356,217 @@ def sample_tokens(
     if top_p is not None and top_p < 1:
         logits = top_p_logits(logits, top_p)
     if top_k:
-        logits = top_k_logits(logits, top_k)
+        # transformers' filter, bit-identical here: -inf and the dtype's minimum both get probability 0.
+        logits = TopKLogitsWarper(top_k)(None, logits)
     probs = F.softmax(logits, dim=-1)
-    tokens = probs.argmax(dim=-1)
     if temperature and temperature > 0:
-        try:
-            tokens = torch.distributions.Categorical(probs=probs).sample()
-        except (ValueError, RuntimeError):  # e.g. NaN probabilities: keep the argmax, as the released code does
-            pass
+        noise = torch.empty_like(probs).exponential_() if noise is None else noise
+        tokens = (probs / noise).argmax(dim=-1)
+    else:
+        tokens = probs.argmax(dim=-1)
     scored = raw_probs if use_original_confidence else probs
     if confidence == "margin":
         top2 = torch.topk(scored, 2, dim=-1).values
-        return top2[:, 0] - top2[:, 1], tokens
+        return top2[..., 0] - top2[..., 1], tokens
     if confidence == "entropy":
         return (scored * torch.log(scored + 1e-10)).sum(dim=-1), tokens
-    return scored.gather(-1, tokens[:, None]).squeeze(-1), tokens
+    return scored.gather(-1, tokens[..., None]).squeeze(-1), tokens
 
 
 def confidence_kind(alg: str) -> str:
     return {"topk_margin": "margin", "entropy": "entropy"}.get(alg, "probability")
 
 
-# ---------------------------------------------------------------------------------------------- slot selection
-# Each function decides one row: it gets the logits of the row's masked slots (in position order) and returns the
-# indices (into those slots) to commit and their tokens.
+# ------------------------------------------------------------------------------------------- one denoising step
+# A step decides, for every row at once, how many masked slots it commits (the schedule of the pipeline) and which
+# ones (the ranking of `alg`): `chosen = masked & (rank < count[:, None])`. Per-row quantities are tensors and
+# random draws come in as arguments, so the step has no host sync and no data-dependent shape and compiles whole.
 
 
-def most_confident(confidence: torch.Tensor, k: int, alg_temp: float | None) -> torch.Tensor:
-    """The k most confident slots (ties: lowest position first), or k slots drawn from softmax(conf / alg_temp)."""
-    if alg_temp is not None and alg_temp > 0:
-        return torch.multinomial(F.softmax(confidence / alg_temp, dim=-1), num_samples=k)
-    return torch.sort(confidence, descending=True, stable=True).indices[:k]
+@dataclass(frozen=True)
+class StepRules:
+    """The settings one denoising step reads; fixed during a call (a compiled step specialises on them)."""
+
+    decoding_pipeline: str
+    alg: str
+    alg_temp: float | None
+    alg_p_threshold: float | None
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    use_original_confidence: bool
+    eps: float
+    steps: int
+    mask_token_id: int
+
+    @classmethod
+    def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
+        values = {name: getattr(config, name) for name in cls.__dataclass_fields__}
+        values["temperature"] = values["temperature"] or 0.0
+        # Dream's sampler always scores slots on the filtered distribution.
+        values["use_original_confidence"] = config.use_original_confidence and config.decoding_pipeline == "dim"
+        return cls(**values)
+
+    @property
+    def needs_draws(self) -> bool:
+        """Whether a step reads uniform draws per slot (random slot choice)."""
+        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
+        return self.alg in RANDOM_ALGORITHMS or sampled_slots
 
 
-def leftmost(num_masked: int, last_step: bool, device) -> torch.Tensor:
-    """Autoregressive order: the first masked slot, or all of them at the last allowed step (final flush)."""
-    return torch.arange(num_masked if last_step else 1, device=device)
+@dataclass
+class StepState:
+    """What a schedule or ranking may read about the current step; every field is a tensor."""
+
+    masked: torch.Tensor  # [B, N] slots still holding the mask
+    confidence: torch.Tensor  # [B, N] score of each slot's candidate token
+    draws: torch.Tensor  # [B, N] uniform draws in [0, 1), one per slot (zeros when the rules use no randomness)
+    total_masks: torch.Tensor  # [B] masks each row started with
+    step: torch.Tensor  # 0-d index of this step
+    timesteps: torch.Tensor  # [steps + 1] linspace(1, eps, steps + 1)
+
+    @property
+    def remaining(self) -> torch.Tensor:
+        return self.masked.sum(1)
 
 
-def fallback_count(num_masked: int, total_masks: int, step: int, timesteps: torch.Tensor, eps: float):
-    """Dim fallback: how many slots to commit, re-anchoring the time grid to the share of masks left.
+def denoising_step(
+    answer: torch.LongTensor,
+    logits: torch.Tensor,
+    step: torch.Tensor,
+    total_masks: torch.LongTensor,
+    timesteps: torch.Tensor,
+    draws: torch.Tensor,
+    rules: StepRules,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """One denoising step for the whole batch.
+
+    The answer canvas `[B, N]` and its logits `[B, N, V]` give the new canvas and the number of slots each row
+    committed; a row without a mask is left as it is. `step` is a 0-d tensor, `draws` `[B, N]` uniform numbers for
+    the random rankings and schedules, `noise` `[B, N, V]` Exp(1) numbers for sampling tokens (temperature > 0).
+    """
+    masked = answer == rules.mask_token_id
+    confidence, tokens = sample_tokens(
+        logits,
+        rules.temperature,
+        rules.top_p,
+        rules.top_k,
+        confidence_kind(rules.alg),
+        rules.use_original_confidence,
+        noise,
+    )
+    state = StepState(masked, confidence, draws, total_masks, step, timesteps)
+    count, by_confidence = SCHEDULES[rules.decoding_pipeline](state, rules)
+    score = torch.where(by_confidence[:, None], confidence, RANKINGS[rules.alg](state, rules))
+    chosen = masked & (rank_of_each_slot(score, masked) < count[:, None])
+    return torch.where(chosen, tokens, answer), chosen.sum(1)
+
+
+def rank_of_each_slot(score: torch.Tensor, masked: torch.Tensor) -> torch.LongTensor:
+    """0 for the best masked slot of a row, 1 for the next...; ties go to the leftmost slot, unmasked slots last."""
+    floor = torch.finfo(score.dtype).min
+    keyed = torch.where(masked, score.clamp_min(floor), torch.full_like(score, -float("inf")))
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(score.shape[1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
+
+
+# Schedules: how many slots each row commits, and whether the choice follows the confidence instead of the ranking.
+# A step that ends a row's schedule (the last allowed step) commits everything left; `autoregressive` commits one
+# slot per step; a ratio (`origin-ratio`, Dream's `origin`) commits each slot whose draw is below the ratio, and its
+# random ranking (lowest draw first) then picks exactly those slots.
+
+
+def dim_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Confident decoding: every masked slot above the threshold; otherwise the re-anchored fallback count."""
+    remaining = state.remaining
+    count, s, ratio = reanchored_fallback(remaining, state.total_masks, state.step, state.timesteps)
+    if rules.alg == "origin-ratio":
+        share = torch.where(s > rules.eps, 1 - s / ratio, torch.ones_like(s))
+        count = (state.masked & (state.draws < share[:, None])).sum(1)
+    elif rules.alg == "autoregressive":
+        count = torch.ones_like(remaining)
+    last_step = state.step == rules.steps - 1
+    count = torch.where(last_step, remaining, count)
+    if rules.alg_p_threshold is None:
+        return count, torch.zeros_like(remaining, dtype=torch.bool)
+    passed = state.masked & ((state.confidence > rules.alg_p_threshold) | last_step)
+    fired = passed.any(1)
+    return torch.where(fired, passed.sum(1), count), fired
+
+
+def reanchored_fallback(remaining, total_masks, step, timesteps):
+    """Dim fallback per row: how many slots to commit, re-anchoring the time grid to the share of masks left.
 
     r = masks left / masks at the start. Starting at the first grid point below r (and after the current step), take
     the first point s for which k = int(c * (1 - s / r)) >= 1; at the grid's end (s = eps) k is every mask left.
-    Returns (k, s, r). When no grid point is below r (only possible with > 1/eps masks), the schedule is over and
-    every mask left is committed (upstream raised a ValueError here).
+    Returns (k, s, r), each `[B]`. When no grid point is below r (only possible with > 1/eps masks), the schedule is
+    over and every mask left is committed (upstream raised a ValueError here).
     """
-    ratio = torch.tensor(num_masked, dtype=torch.float32, device=timesteps.device) / total_masks
-    below = (timesteps < ratio).nonzero()
-    start = max(int(below[0]) if len(below) else len(timesteps) - 1, step + 1)
-    for s in timesteps[start:-1]:
-        k = int(num_masked * (1 - s / ratio))
-        if k >= 1:
-            return k, s, ratio
-    return num_masked, timesteps[-1], ratio  # the grid's end, s = eps: commit everything left
+    ratio = remaining.float() / total_masks.float()
+    grid = timesteps[None, :]
+    end = timesteps.shape[0] - 1
+    below = grid < ratio[:, None]
+    first_below = torch.where(below.any(1), below.int().argmax(1), end)
+    start = torch.maximum(first_below, step + 1)
+    counts = (remaining[:, None].float() * (1 - grid / ratio[:, None])).long()  # int(): truncation
+    index = torch.arange(end + 1, device=timesteps.device)
+    usable = (index >= start[:, None]) & (index < end) & (counts >= 1)
+    found = usable.any(1)
+    first = usable.int().argmax(1)
+    count = torch.where(found, counts.gather(1, first[:, None]).squeeze(1), remaining)
+    s = torch.where(found, timesteps[first], timesteps[end])
+    return count, s, ratio
 
 
-def dim_selection(logits, step, total_masks, timesteps, config):
-    """Confident decoding: every slot above the threshold; otherwise the re-anchored fallback schedule."""
-    num_masked = logits.shape[0]
-    last_step = step == config.steps - 1
-    confidence, tokens = sample_tokens(
-        logits,
-        config.temperature,
-        config.top_p,
-        config.top_k,
-        confidence_kind(config.alg),
-        config.use_original_confidence,
+def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Dream v0: k = int(c * (1 - s / t)) between t = timesteps[step] and s = timesteps[step + 1]."""
+    remaining = state.remaining
+    t, s = state.timesteps[state.step], state.timesteps[state.step + 1]
+    count = (remaining.float() * (1 - s / t)).long()
+    if rules.alg == "origin":
+        count = (state.masked & (state.draws < 1 - s / t)).sum(1)
+    elif rules.alg == "autoregressive":
+        count = torch.ones_like(remaining)
+    count = torch.where(state.step == rules.steps - 1, remaining, count)
+    return count, torch.zeros_like(remaining, dtype=torch.bool)
+
+
+SCHEDULES = {"dim": dim_schedule, "dream": dream_schedule}
+
+
+# Rankings: a score per slot, higher first.
+
+
+def random_order(state: StepState, rules: StepRules) -> torch.Tensor:
+    """Lowest draw first: a uniformly random order of the masked slots."""
+    return -state.draws
+
+
+def leftmost_first(state: StepState, rules: StepRules) -> torch.Tensor:
+    return -torch.arange(state.masked.shape[1], device=state.masked.device, dtype=torch.float32).expand(
+        state.masked.shape
     )
-    if config.alg_p_threshold is not None:
-        passed = torch.ones_like(confidence, dtype=torch.bool) if last_step else confidence > config.alg_p_threshold
-        if passed.any():
-            chosen = passed.nonzero().squeeze(1)
-            return chosen, tokens[chosen]
-
-    k, s, ratio = fallback_count(num_masked, total_masks, step, timesteps, config.eps)
-    if config.alg == "origin":
-        chosen = torch.randperm(num_masked)[:k].to(logits.device)  # CPU generator, as the released code
-    elif config.alg == "origin-ratio":
-        probability = 1 - s / ratio if s > config.eps else 1.0
-        chosen = (torch.rand(num_masked, device=logits.device) < probability).nonzero().squeeze(1)  # may be empty
-    elif config.alg == "autoregressive":
-        chosen = leftmost(num_masked, last_step, logits.device)
-    else:
-        chosen = most_confident(confidence, k, config.alg_temp)
-    return chosen, tokens[chosen]
 
 
-def dream_selection(logits, step, total_masks, timesteps, config):
-    """Dream v0's schedule between t = timesteps[step] and s = timesteps[step + 1]; confidence from the filtered p."""
-    num_masked = logits.shape[0]
-    last_step = step == config.steps - 1
-    t, s = timesteps[step], timesteps[step + 1]
-    sampling = (config.temperature, config.top_p, config.top_k)
-    if config.alg == "origin":
-        probability = 1.0 if last_step else 1 - s / t
-        chosen = (torch.rand(num_masked, device=logits.device) < probability).nonzero().squeeze(1)
-        if len(chosen) == 0:
-            return chosen, chosen
-        _, tokens = sample_tokens(logits[chosen], *sampling)  # only the chosen slots are sampled, as in Dream
-        return chosen, tokens
-    confidence, tokens = sample_tokens(logits, *sampling, confidence_kind(config.alg))
-    if config.alg == "autoregressive":
-        chosen = leftmost(num_masked, last_step, logits.device)
-    else:
-        k = num_masked if last_step else int(num_masked * (1 - s / t))
-        chosen = most_confident(confidence, k, config.alg_temp) if k > 0 else confidence.new_zeros(0, dtype=torch.long)
-    return chosen, tokens[chosen]
+def most_confident(state: StepState, rules: StepRules) -> torch.Tensor:
+    """Highest confidence first; with `alg_temp` > 0, an order drawn from softmax(confidence / alg_temp) (the
+    Gumbel top-k trick: the same law as drawing slots one after another without replacement)."""
+    if rules.alg_temp is None or rules.alg_temp <= 0:
+        return state.confidence
+    gumbel = -torch.log(-torch.log(state.draws.clamp_min(torch.finfo(state.draws.dtype).tiny)))
+    return state.confidence.float() / rules.alg_temp + gumbel
 
 
-SELECTIONS = {"dim": dim_selection, "dream": dream_selection}
+RANKINGS = {
+    "origin": random_order,
+    "origin-ratio": random_order,
+    "autoregressive": leftmost_first,
+    "maskgit_plus": most_confident,
+    "topk_margin": most_confident,
+    "entropy": most_confident,
+}
 
 
 # ------------------------------------------------------------------------------------------------ input set-up
@@ -581,67 +680,59 @@ class PrefixCache(DynamicCache):
     """The cached prompt prefix, read-only: each cached step attends to [prefix | its own fresh keys/values].
 
     Nothing is appended (so nothing needs cropping after a step), and every cached step sees tensors of the same
-    shapes at the same addresses, which is what a CUDA graph replay needs.
+    shapes, which is what a compiled step (and on CUDA its captured graph) needs.
     """
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache, length: int) -> "PrefixCache":
+        return cls(ddp_cache_data=[(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v, *_ in cache])
+
+    def refill(self, cache: DynamicCache):
+        """New prefix keys/values (a cache refresh), written in place."""
+        for layer, (keys, values, *_) in zip(self.layers, cache):
+            layer.keys.copy_(keys[:, :, : layer.keys.shape[-2]])
+            layer.values.copy_(values[:, :, : layer.values.shape[-2]])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-class CachedAnswerStep:
-    """A cached denoising step: the last prompt token and the N answer slots against the cached prompt prefix.
+def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, *step_inputs):
+    """A whole cached step: the last prompt token and the N answer slots against the cached prompt prefix (spec
+    5.8), then [`denoising_step`]. Returns (new answer, slots committed per row, answer logits).
 
-    All such steps of one call have identical shapes (N + 1 queries, P - 1 cached keys), so with `cuda_graph=True`
-    the step is captured once as a CUDA graph and then replayed: one launch per step instead of the hundreds of
-    kernel launches (and Python overhead) of an eager forward, which dominate a small-batch step on a GPU.
+    All cached steps of a call have the same shapes (N + 1 queries, P - 1 cached keys), so this function compiles
+    once per call shape (`compile_step=True`).
     """
+    logits = model._score_answer(batch, answer, batch.prompt_length - 1, prefix)
+    answer, committed = denoising_step(answer, logits, *step_inputs)
+    return answer, committed, logits
 
-    def __init__(self, model, batch: DiffusionBatch, cache: DynamicCache, cuda_graph: bool = False):
-        self.model, self.batch = model, batch
-        self.start = batch.prompt_length - 1
-        self.prefix = PrefixCache(
-            ddp_cache_data=[(k[:, :, : self.start].clone(), v[:, :, : self.start].clone()) for k, v, *_ in cache]
-        )
-        self.cuda_graph = cuda_graph
-        self.graph = None
 
-    def refill(self, cache: DynamicCache):
-        """New prefix keys/values (a cache refresh), written in place so a captured graph stays valid."""
-        for layer, (keys, values, *_) in zip(self.prefix.layers, cache):
-            layer.keys.copy_(keys[:, :, : self.start])
-            layer.values.copy_(values[:, :, : self.start])
+@functools.cache
+def compiled_denoising_pass(device_type: str):
+    """`cached_denoising_pass` under `torch.compile(fullgraph=True)`; on CUDA with `mode="reduce-overhead"`, whose
+    CUDA-graph capture and replay replaces the hand-written capture of earlier versions (same graph, kept by torch)."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(cached_denoising_pass, fullgraph=True, mode=mode)
 
-    def forward(self, answer: torch.LongTensor) -> torch.Tensor:
-        return self.model._score_answer(self.batch, answer, self.start, self.prefix)
 
-    def __call__(self, answer: torch.LongTensor) -> torch.Tensor:
-        if not self.cuda_graph:
-            return self.forward(answer)
-        if self.graph is None:
-            self._capture(answer)
-        self.static_answer.copy_(answer)
-        self.graph.replay()
-        return self.static_logits.clone()
-
-    def _capture(self, answer: torch.LongTensor):
-        self.static_answer = answer.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: kernels pick their workspaces here
-            for _ in range(2):
-                self.forward(self.static_answer)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = self.forward(self.static_answer)
+def step_randomness(answer: torch.LongTensor, rules: StepRules, vocab_size: int):
+    """This step's random numbers, drawn outside the step: uniform draws per slot and Exp(1) noise per token."""
+    draws = torch.rand(answer.shape, device=answer.device) if rules.needs_draws else None
+    noise = None
+    if rules.temperature > 0:
+        noise = torch.empty(*answer.shape, vocab_size, device=answer.device).exponential_()
+    return draws, noise
 
 
 # ------------------------------------------------------------------------------------------------------- mixin
 
 
 class DimpleGenerationMixin(GenerationMixin):
-    """`diffusion_generate` for Dimple, and the hooks that make the stock `generate` decode autoregressively."""
+    """`diffusion_generate` for Dimple (the autoregressive `generate` plumbing lives in `modeling_dimple.py`)."""
+
 
     # ------------------------------------------------------------------------------------ diffusion_generate
 
@@ -707,36 +798,39 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config, visual = self._diffusion_settings(generation_config, kwargs)
-        if config.cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"`cuda_graph=True` needs the model on a CUDA device; it is on {self.device}.")
         batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
 
+        rules = StepRules.from_config(config)
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
-        select = SELECTIONS[config.decoding_pipeline]
+        step_index = torch.arange(config.steps, device=batch.x.device)
+        no_draws = torch.zeros(batch.answer.shape, device=batch.x.device)
+        cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
-        cached_step = None
+        prefix = None
         for step in range(config.steps):
-            masked = batch.answer == config.mask_token_id
-            active = masked.any(1)
+            active = (batch.answer == config.mask_token_id).any(1)
             if not active.any():
                 break
-            logits, cached_step = self._answer_logits(batch, cached_step, step, config)
-            if generation_logits_hook_func is not None:
-                logits = check_hook_output(
-                    "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
-                )
-            committed = torch.zeros_like(total_masks)
-            for row in active.nonzero().squeeze(1).tolist():
-                slots = masked[row].nonzero().squeeze(1)
-                chosen, tokens = select(logits[row, slots], step, int(total_masks[row]), timesteps, config)
-                batch.answer[row, slots[chosen]] = tokens
-                committed[row] = len(chosen)
+            draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
+            step_inputs = (step_index[step], total_masks, timesteps, no_draws if draws is None else draws, rules, noise)
+            if self._runs_whole_sequence(step, config) or generation_logits_hook_func is not None:
+                logits, prefix = self._answer_logits(batch, prefix, step, config)
+                if generation_logits_hook_func is not None:
+                    logits = check_hook_output(
+                        "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
+                    )
+                answer, committed = denoising_step(batch.answer, logits, *step_inputs)
+            else:
+                if config.compile_step and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                answer, committed, logits = cached_pass(self, batch, prefix, batch.answer, *step_inputs)
+            batch.answer.copy_(answer)
             forward_passes += active.long()
-            committed_per_step.append(committed)
+            committed_per_step.append(committed.clone())
             if generation_tokens_hook_func is not None:
                 batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
             if config.output_history and config.return_dict_in_generate:
@@ -757,29 +851,34 @@ class DimpleGenerationMixin(GenerationMixin):
         )
 
     def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
-        """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json."""
-        values = {}
+        """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json.
+
+        `GenerationConfig.update` applies each layer (and validates); it hands back the keyword arguments that are
+        not settings, which must be vision inputs.
+        """
+        config = DimpleGenerationConfig.from_model_config(self.config)
+        inherited = {}
         for source in (self.generation_config, generation_config):
             if source is None:
                 continue
             if not isinstance(source, GenerationConfig):
                 raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
-            values.update({k: v for k, v in source.to_dict().items() if k in DIFFUSION_SETTINGS and v is not None})
-        values.update({k: kwargs.pop(k) for k in list(kwargs) if k in DIFFUSION_SETTINGS})
-        for name in SPECIAL_IDS:
-            if values.get(name) is None and getattr(self.config, name, None) is not None:
-                values[name] = getattr(self.config, name)
-        config = DimpleGenerationConfig(**values)
+            inherited.update({k: v for k, v in source.to_diff_dict().items() if is_diffusion_setting(k)})
+        config.update(**{k: v for k, v in inherited.items() if v is not None})
+        unused = config.update(**kwargs)
+        ignored = sorted(k for k in kwargs if k not in unused and not is_diffusion_setting(k))
+        if ignored:
+            raise TypeError(f"{ignored} are settings of `generate`; diffusion_generate does not use them.")
         if config.mask_token_id is None:
             raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
 
         for name in ("position_ids", "inputs_embeds"):
-            if kwargs.get(name) is not None:
+            if unused.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported by diffusion_generate: pass `input_ids` (and images).")
-        unknown = sorted(set(kwargs) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
+        unknown = sorted(set(unused) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
         if unknown:
             raise TypeError(f"diffusion_generate got unknown arguments {unknown} (neither settings nor model inputs).")
-        return config, {k: v for k, v in kwargs.items() if k in VISUAL_INPUTS and v is not None}
+        return config, {k: v.to(self.device) for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
 
     def _diffusion_batch(
         self, input_ids, attention_mask, response_template, config, visual, max_length_passed
@@ -809,7 +908,6 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         if not (attention_mask == 1).any(1).all():
             raise ValueError("Every prompt needs at least one real token (a row of `attention_mask` is all zeros).")
-        self._check_visual_inputs(visual)
 
         prompt, prompt_mask = left_align(input_ids, attention_mask)
         batch_size, prompt_length = prompt.shape
@@ -833,15 +931,10 @@ class DimpleGenerationMixin(GenerationMixin):
         )
         return self._repeat_rows(batch, config.num_return_sequences)
 
-    def _check_visual_inputs(self, visual):
-        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-            if (pixels in visual) != (grid in visual):
-                given, missing = (pixels, grid) if pixels in visual else (grid, pixels)
-                raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
-
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
         """Token embeddings with the image/video features in their placeholder slots (images encoded once a call)."""
-        return self._embed_inputs(prompt, **{name: value.to(self.device) for name, value in visual.items()})[0]
+        self.check_vision_pairs(visual)
+        return self._embed_inputs(prompt, **visual)[0]
 
     @staticmethod
     def _repeat_rows(batch: DiffusionBatch, times: int) -> DiffusionBatch:
@@ -863,25 +956,25 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError("`generation_tokens_hook_func` changed the prompt; it may only edit the answer slots.")
         return x.long()
 
-    def _answer_logits(self, batch: DiffusionBatch, cached_step, step: int, config):
-        """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1).
-
-        Without the cache every step runs the whole sequence. With it (spec 5.8), a full step runs the whole
-        sequence and keeps the keys/values of the prompt minus its last token; other steps run only the last prompt
-        token plus the N answer slots against that prefix ([`CachedAnswerStep`]). Full steps are step 0 and, with
-        `cache_refresh_interval` k > 0, every k-th step.
-        """
+    @staticmethod
+    def _runs_whole_sequence(step: int, config) -> bool:
+        """Without the cache every step; with it (spec 5.8) step 0 and, with `cache_refresh_interval` k, every k-th."""
         refresh = config.cache_refresh_interval
-        if config.use_cache and step > 0 and not (refresh > 0 and step % refresh == 0):
-            return cached_step(batch.answer), cached_step
+        return not config.use_cache or step == 0 or (refresh > 0 and step % refresh == 0)
+
+    def _answer_logits(self, batch: DiffusionBatch, prefix: PrefixCache | None, step: int, config):
+        """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1), and the
+        prompt prefix cache for the cached steps (kept from step 0, refilled at each refresh)."""
+        if not self._runs_whole_sequence(step, config):
+            return self._score_answer(batch, batch.answer, batch.prompt_length - 1, prefix), prefix
         cache = DynamicCache(config=self.config) if config.use_cache else None
         logits = self._score_answer(batch, batch.answer, start=0, cache=cache)
         if cache is None:
             return logits, None
-        if cached_step is None:
-            return logits, CachedAnswerStep(self, batch, cache, config.cuda_graph)
-        cached_step.refill(cache)
-        return logits, cached_step
+        if prefix is None:
+            return logits, PrefixCache.from_cache(cache, batch.prompt_length - 1)
+        prefix.refill(cache)
+        return logits, prefix
 
     def _score_answer(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
         """Run tokens `start:` (prompt part from the precomputed embeddings) and score the N answer slots only."""
@@ -897,23 +990,6 @@ class DimpleGenerationMixin(GenerationMixin):
             logits_to_keep=torch.arange(prompt_length - 1 - start, total - 1 - start, device=device),
             return_dict=True,
         ).logits
-
-    # ------------------------------------------------------------------------- autoregressive `generate`
-    # The position plumbing the stock loop needs lives in `modeling_dimple.py`, next to `get_rope_index`.
-
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
-        `max_new_tokens`, `eos_token_id`, streamers, `num_return_sequences` with images). Use `diffusion_generate` to
-        answer with the diffusion decoder.
-
-        With the default bidirectional attention (`config.full_attn_mask=True`), `use_cache=False` re-runs the whole
-        sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
-        later tokens existed, so the two can differ after the first new token. With causal attention they agree.
-        """
-        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
-        if misplaced:
-            raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
-        return super().generate(inputs, generation_config, **kwargs)
 
 
 __all__ = [

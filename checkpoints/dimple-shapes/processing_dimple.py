@@ -31,7 +31,11 @@ MASK_TOKEN = "<|mask|>"
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 BOS_TOKEN = "<|im_start|>"
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", IMAGE_TOKEN, VIDEO_TOKEN]
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+VISION_PAD_TOKEN = "<|vision_pad|>"
+VISION_TOKENS = [VISION_START_TOKEN, VISION_END_TOKEN, VISION_PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # the chat template's, used when a chat has none
 
 # Dimple's added tokens in id order: Qwen2.5's 22 (ids 151643-151664 on the real vocabulary) then Dream's two.
 ADDED_TOKENS = [
@@ -64,7 +68,7 @@ DIMPLE_CHAT_TEMPLATE = (
     "{% set counter = namespace(image=0, video=0) %}"
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
     "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}"
@@ -299,11 +303,12 @@ class DimpleProcessor(ProcessorMixin):
                 f"got {type(answers).__name__}."
             )
         if answers and all(isinstance(item, int) for item in answers):
-            ids = self._clean_ids(answers)
+            ids = self.answer_ids(answers)
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **decode_kwargs)
         return [self.post_process_answer(item, skip_special_tokens, **decode_kwargs) for item in answers]
 
-    def _clean_ids(self, ids: list[int]) -> list[int]:
+    def answer_ids(self, ids: list[int]) -> list[int]:
+        """The tokens an answer produced: leftover masks dropped, the trailing end-of-answer padding stripped."""
         ids = [token for token in ids if token != self.mask_token_id]
         while ids and ids[-1] in self._answer_end_ids:
             ids.pop()

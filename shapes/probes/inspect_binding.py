@@ -1,7 +1,7 @@
 """Look inside a trained shapes Dimple: what the vision tokens carry and where the answer looks on binding questions.
 
-    python shapes/inspect_binding.py                      # the shipped checkpoint
-    python shapes/inspect_binding.py --model /path/to/run
+    python shapes/probes/inspect_binding.py                      # the shipped checkpoint
+    python shapes/probes/inspect_binding.py --model RUN_FOLDER
 
 One bidirectional forward pass per batch of validation questions, prompt plus 32 `<|mask|>` answer slots (as in
 decoding), prints:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from shapes.evaluate import DEFAULT_MODEL  # noqa: E402

@@ -1,7 +1,7 @@
 """A quick test of whether a model variant learns binding: a short stage-A run on binding-heavy data.
 
-    python shapes/binding_probe.py                          # the shipped architecture, 600 steps (about 9 min, 1 thread)
-    python shapes/binding_probe.py --key-value-heads 6      # a variant
+    python shapes/probes/binding_probe.py                       # the shipped architecture, 600 steps (~9 min, 1 thread)
+    python shapes/probes/binding_probe.py --key-value-heads 6   # a variant
 
 Stage A (causal, next-token loss) on fresh examples of which `--binding` are binding questions
 (`task.needs_binding`); every 100 steps (`--every`) it prints the teacher-forced exact match on 300 binding
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from shapes import build  # noqa: E402
