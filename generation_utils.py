@@ -16,6 +16,7 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 """
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ SHARED_DEFAULTS = {
 DIFFUSION_ONLY_ARGUMENTS = (*DIFFUSION_DEFAULTS, "response_template", "generation_tokens_hook_func",
                             "generation_logits_hook_func")  # fmt: skip
 UPSTREAM_DEFAULT_MAX_LENGTH = SHARED_DEFAULTS["max_length"]
+MAX_STEPS = 1_000_000  # the time grid is materialised: 10^9 steps would be a 4 GB tensor and a loop that never ends
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
     max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
@@ -183,8 +185,14 @@ class DimpleGenerationConfig(GenerationConfig):
         def is_int(value):
             return isinstance(value, int) and not isinstance(value, bool)
 
-        if not is_int(self.steps) or self.steps < 1:
-            fail("steps", "an integer >= 1 (the most denoising iterations)")
+        for name in ("temperature", "top_p", "alg_temp", "alg_p_threshold", "eps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}.")
+            if value is not None and math.isnan(value):
+                fail(name, "a number, not NaN")
+        if not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            fail("steps", f"an integer in [1, {MAX_STEPS}] (the most denoising iterations; usually max_new_tokens)")
         if self.max_new_tokens is not None and (not is_int(self.max_new_tokens) or self.max_new_tokens <= 0):
             fail("max_new_tokens", "a positive integer")
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
@@ -463,6 +471,20 @@ def denoising_step(
     return torch.where(chosen, tokens, answer), chosen.sum(1)
 
 
+def schedule_can_commit(answer, step, total_masks, timesteps, draws, rules: StepRules) -> bool:
+    """Whether some row may commit a slot this step, decided before the forward pass.
+
+    Only the threshold of confident decoding reads the logits; every other count (dream's schedule, a ratio's draws,
+    the fallback) is known in advance, so a step whose count is 0 for every row commits nothing and is not run.
+    """
+    if rules.decoding_pipeline == "dim" and rules.alg_p_threshold is not None:
+        return True
+    masked = answer == rules.mask_token_id
+    no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
+    count, _ = SCHEDULES[rules.decoding_pipeline](StepState(masked, no_confidence, draws, total_masks, step, timesteps), rules)
+    return bool((count > 0).any())
+
+
 def rank_of_each_slot(score: torch.Tensor, masked: torch.Tensor) -> torch.LongTensor:
     """0 for the best masked slot of a row, 1 for the next...; ties go to the leftmost slot, unmasked slots last."""
     floor = torch.finfo(score.dtype).min
@@ -673,6 +695,8 @@ def check_hook_output(name: str, value, expected: torch.Tensor):
         raise ValueError(f"`{name}` must return a tensor of shape {tuple(expected.shape)}, got {got}.")
     if value.dtype.is_floating_point != expected.dtype.is_floating_point:
         raise TypeError(f"`{name}` must return a {expected.dtype} tensor, got {value.dtype}.")
+    if value.dtype.is_floating_point and bool(torch.isnan(value).any()):
+        raise ValueError(f"`{name}` returned NaN logits; mask tokens out with -inf instead.")
     return value.to(expected.device)
 
 
@@ -793,6 +817,8 @@ class DimpleGenerationMixin(GenerationMixin):
             - `attention_mask` defaults to all ones, `num_return_sequences` works with images, right padding works,
               masks in the prompt are an error, and `streamer` is supported.
         """
+        if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
+            raise TypeError(f"`streamer` needs `put(canvas)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
         max_length_passed = "max_length" in kwargs
         if inputs is not None and kwargs.get("input_ids") is not None:
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
@@ -817,7 +843,11 @@ class DimpleGenerationMixin(GenerationMixin):
                 break
             draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
             step_inputs = (step_index[step], total_masks, timesteps, no_draws if draws is None else draws, rules, noise)
-            if self._runs_whole_sequence(step, config) or generation_logits_hook_func is not None:
+            hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
+            if not hooked and not schedule_can_commit(batch.answer, *step_inputs[:-1]):
+                answer, committed = batch.answer, torch.zeros_like(total_masks)  # no forward pass without effect
+                active = torch.zeros_like(active)
+            elif prefix is None or self._runs_whole_sequence(step, config) or generation_logits_hook_func is not None:
                 logits, prefix = self._answer_logits(batch, prefix, step, config)
                 if generation_logits_hook_func is not None:
                     logits = check_hook_output(
@@ -908,6 +938,15 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         if not (attention_mask == 1).any(1).all():
             raise ValueError("Every prompt needs at least one real token (a row of `attention_mask` is all zeros).")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        self.check_token_ids(input_ids, "inputs")
+        for name in ("mask_token_id", "pad_token_id"):
+            value = getattr(config, name)
+            if value is not None and not 0 <= value < vocab_size:
+                raise ValueError(
+                    f"`{name}` is {value}, outside the model's vocabulary [0, {vocab_size}): the tokenizer and the "
+                    "model do not match, or the setting is wrong."
+                )
 
         prompt, prompt_mask = left_align(input_ids, attention_mask)
         batch_size, prompt_length = prompt.shape
@@ -915,7 +954,9 @@ class DimpleGenerationMixin(GenerationMixin):
         if response_template is None:
             max_positions = getattr(self.config, "max_position_embeddings", None)
             length = answer_length_without_template(config, prompt_length, max_length_passed, max_positions)
+        self._check_total_length(prompt_length, length, response_template, config)
         canvas, canvas_mask = answer_canvas(response_template, batch_size, length, config, device)
+        self.check_token_ids(canvas, "response_template")
         x = torch.cat([prompt, canvas], dim=1)
         full_mask = torch.cat([prompt_mask, canvas_mask], dim=1)
         position_ids, _ = self.get_rope_index(
@@ -930,6 +971,19 @@ class DimpleGenerationMixin(GenerationMixin):
             aligned_prompt=prompt.clone(),
         )
         return self._repeat_rows(batch, config.num_return_sequences)
+
+    def _check_total_length(self, prompt_length, answer_length, response_template, config):
+        """Prompt + answer must fit the model's positions; checked before the canvas is allocated."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if answer_length is None:  # the template sets the length
+            rows = response_template if isinstance(response_template, (list, tuple, torch.Tensor)) else []
+            nested = len(rows) > 0 and isinstance(rows[0], (list, tuple, torch.Tensor))
+            answer_length = max((len(row) for row in rows), default=0) if nested else len(rows)
+        if limit and prompt_length + answer_length > limit:
+            raise ValueError(
+                f"The prompt ({prompt_length} tokens) plus the answer ({answer_length} slots) exceed the model's "
+                f"{limit} positions (config.max_position_embeddings); lower `max_new_tokens` or shorten the template."
+            )
 
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
         """Token embeddings with the image/video features in their placeholder slots (images encoded once a call)."""
@@ -952,20 +1006,22 @@ class DimpleGenerationMixin(GenerationMixin):
 
     def _checked_tokens(self, x, batch: DiffusionBatch) -> torch.LongTensor:
         x = check_hook_output("generation_tokens_hook_func", x, batch.x)
+        self.check_token_ids(x, "generation_tokens_hook_func's output")
         if not torch.equal(x[:, : batch.prompt_length], batch.aligned_prompt):
             raise ValueError("`generation_tokens_hook_func` changed the prompt; it may only edit the answer slots.")
         return x.long()
 
     @staticmethod
     def _runs_whole_sequence(step: int, config) -> bool:
-        """Without the cache every step; with it (spec 5.8) step 0 and, with `cache_refresh_interval` k, every k-th."""
+        """Without the cache every step; with it (spec 5.8) step 0 and, with `cache_refresh_interval` k, every k-th
+        (and the first step run at all, when the schedule skipped the earlier ones)."""
         refresh = config.cache_refresh_interval
         return not config.use_cache or step == 0 or (refresh > 0 and step % refresh == 0)
 
     def _answer_logits(self, batch: DiffusionBatch, prefix: PrefixCache | None, step: int, config):
         """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1), and the
         prompt prefix cache for the cached steps (kept from step 0, refilled at each refresh)."""
-        if not self._runs_whole_sequence(step, config):
+        if prefix is not None and not self._runs_whole_sequence(step, config):
             return self._score_answer(batch, batch.answer, batch.prompt_length - 1, prefix), prefix
         cache = DynamicCache(config=self.config) if config.use_cache else None
         logits = self._score_answer(batch, batch.answer, start=0, cache=cache)

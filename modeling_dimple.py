@@ -168,6 +168,10 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
         return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
 
+    def check_token_ids(self, ids: torch.Tensor, name: str) -> None:
+        """Every id must index the embedding (see `check_token_ids`)."""
+        check_token_ids(ids, self.get_input_embeddings().num_embeddings, name)
+
     @staticmethod
     def check_vision_pairs(visual: dict) -> None:
         """Pixels and grids come in pairs (a grid alone would give M-RoPE positions to an image never encoded)."""
@@ -268,7 +272,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+            self.check_token_ids(input_ids, "input_ids")
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if attention_mask is None or attention_mask.ndim == 4:
             return
