@@ -575,6 +575,9 @@ def test_config_defaults_validation_and_round_trip(tmp_path):
         (dict(eps=0.0), "eps"),
         (dict(alg="origin-ratio", decoding_pipeline="dream"), "origin-ratio"),
         (dict(num_return_sequences=2, alg="maskgit_plus"), "num_return_sequences"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(alg_temp=float("nan")), "alg_temp"),
+        (dict(steps=10**9), "steps"),
     ],
 )
 def test_invalid_settings_raise(tiny_model, settings, match):
@@ -619,12 +622,33 @@ def test_default_length_is_twenty_new_slots(tiny_model):
         (dict(inputs_embeds=torch.zeros(1, 3, 32)), ValueError, "inputs_embeds"),
         (dict(attention_mask=torch.ones(1, 4)), ValueError, "attention_mask"),
         (dict(inputs=torch.tensor([[5.0, 6.0]])), TypeError, "inputs"),
+        (dict(inputs=torch.tensor([[5, 256]])), ValueError, "`inputs` holds token id 256"),
+        (dict(response_template=[5, MASK, 999]), ValueError, "`response_template` holds token id 999"),
+        (dict(mask_token_id=300), ValueError, "`mask_token_id` is 300"),
+        (dict(temperature="0.5"), TypeError, "`temperature` must be a number"),
+        (dict(max_new_tokens=10**12), ValueError, "exceed the model's 4096 positions"),
+        (dict(response_template=[MASK] * 5000), ValueError, "exceed the model's 4096 positions"),
+        (dict(streamer=object()), TypeError, "put"),
+        (dict(image_grid_thw=torch.tensor([[1, 4, 4]])), ValueError, "image_grid_thw` was given without `pixel_values"),
+        (dict(inputs=torch.tensor([[5, 243, 246, 246, 246, 246, 244]])), ValueError, "no `pixel_values` was given"),
+        (dict(generation_logits_hook_func=lambda step, x, logits: logits * float("nan")), ValueError, "NaN"),
+        (dict(generation_tokens_hook_func=lambda step, x, logits: x + 1000), ValueError, "outside the model"),
     ],
 )
 def test_bad_inputs_raise(tiny_model, kwargs, error, match):
     kwargs.setdefault("inputs", torch.tensor([PROMPT]))
+    kwargs = {"max_new_tokens": 2, "steps": 2, **kwargs}
+    if "response_template" in kwargs:
+        del kwargs["max_new_tokens"]
     with pytest.raises(error, match=match):
-        tiny_model.diffusion_generate(max_new_tokens=2, steps=2, **kwargs)
+        tiny_model.diffusion_generate(**kwargs)
+
+
+def test_steps_beyond_the_answer_length_run_only_the_passes_that_commit(tiny_model):
+    many = run(tiny_model, max_new_tokens=4, steps=400, alg="maskgit_plus", decoding_pipeline="dream")
+    assert (many.sequences[:, -4:] != MASK).all()
+    assert many.tokens_per_step.sum().item() == 4
+    assert many.num_forward_passes.item() == (many.tokens_per_step > 0).sum().item() <= 4
 
 
 def test_readme_call_runs(tiny_model):
