@@ -470,7 +470,13 @@ class DimpleDataCollator:
             append(self._pad_answer(self._encode_text(reply), generator), True)
 
         self._check_image_tokens(ids, image_tokens, where)
+        full_length = len(ids)
         ids, labels, answer, kept = self._truncate(ids, labels, answer, image_tokens)
+        if not any(answer):
+            raise ValueError(
+                f"{where}: max_length={self.max_length} cuts off every answer token (the sample has {full_length} "
+                "tokens), so it has nothing to learn; raise max_length or shorten the prompt."
+            )
         if kept < len(image_tokens):
             pixel_values = pixel_values[: int(grids[:kept].prod(-1).sum())] if kept else None
             grids = grids[:kept] if kept else None
@@ -517,6 +523,8 @@ class DimpleDataCollator:
                 image = read_image(source, self.image_folder)
             except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
                 raise ValueError(f"{where}: cannot read image {number} ({_short(source)}): {error}") from error
+            if 0 in image.size:
+                raise ValueError(f"{where}: image {number} ({_short(source)}) is empty ({image.width}x{image.height}).")
             if self.resize_images:
                 size = self.image_processor.size
                 image = pre_resize(image, size.shortest_edge, size.longest_edge)

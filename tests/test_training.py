@@ -198,15 +198,31 @@ def test_dynamic_answer_padding_draws_the_whole_range(processor, words, bound):
 
 def test_truncation_never_splits_an_image_block(processor):
     sample = {
-        "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+        "messages": [{"role": "user", "content": "What is it ?"}, {"role": "assistant", "content": "red"},
+                     {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "dog"}],
         "images": [picture(56, 56)],
-    }
-    prefix = SYSTEM + [NL, IM_START, W["user"], NL]  # <|vision_start|> at 13, <|vision_end|> at 18
-    cut = DimpleDataCollator(processor, max_length=16)([sample])
-    assert cut["input_ids"].tolist() == [prefix] and "pixel_values" not in cut
-    kept = DimpleDataCollator(processor, max_length=19)([sample])
-    assert kept["input_ids"].tolist() == [prefix + [VS] + [IMG] * 4 + [VE]]
+    }  # fmt: skip
+    full = DimpleDataCollator(processor, max_length=1024)([sample])["input_ids"][0].tolist()
+    start, end = full.index(VS), full.index(VE)
+    cut = DimpleDataCollator(processor, max_length=start + 3)([sample])  # inside the block: cut before it
+    assert cut["input_ids"].tolist() == [full[:start]] and "pixel_values" not in cut
+    kept = DimpleDataCollator(processor, max_length=end + 1)([sample])
+    assert kept["input_ids"].tolist() == [full[: end + 1]]
     assert kept["pixel_values"].shape == (16, 1176)
+
+
+def test_max_length_that_leaves_no_answer_token_is_an_error(processor):
+    sample = {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+              "images": [picture(56, 56)]}  # fmt: skip
+    with pytest.raises(ValueError, match="max_length=16 cuts off every answer token"):
+        DimpleDataCollator(processor, max_length=16)([sample])
+
+
+def test_empty_image_is_named(processor):
+    sample = {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+              "images": [Image.new("RGB", (0, 0))]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"image 0 .* is empty \(0x0\)"):
+        DimpleDataCollator(processor)([sample])
 
 
 def bad_samples(tmp_path):
