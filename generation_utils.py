@@ -908,7 +908,8 @@ class DimpleGenerationMixin(GenerationMixin):
         unknown = sorted(set(unused) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
         if unknown:
             raise TypeError(f"diffusion_generate got unknown arguments {unknown} (neither settings nor model inputs).")
-        return config, {k: v.to(self.device) for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
+        visual = {k: v for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
+        return config, {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in visual.items()}
 
     def _diffusion_batch(
         self, input_ids, attention_mask, response_template, config, visual, max_length_passed

@@ -4,6 +4,7 @@ Expectations come from the decoding rules (spec section 5), not from the code un
 hand-made distributions with deliberately spread confidences, and the tests check which slots each step commits.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import TEXT_VOCAB, TINY_IDS, image_block, left_pad, make_tiny_model, random_pixels
@@ -629,6 +630,8 @@ def test_default_length_is_twenty_new_slots(tiny_model):
         (dict(max_new_tokens=10**12), ValueError, "exceed the model's 4096 positions"),
         (dict(response_template=[MASK] * 5000), ValueError, "exceed the model's 4096 positions"),
         (dict(streamer=object()), TypeError, "put"),
+        (dict(inputs=torch.tensor([[5, 243, 246, 246, 246, 246, 244]]), pixel_values=np.zeros((16, 1176), np.float32),
+              image_grid_thw=torch.tensor([[1, 4, 4]])), TypeError, "float torch.Tensor"),
         (dict(image_grid_thw=torch.tensor([[1, 4, 4]])), ValueError, "image_grid_thw` was given without `pixel_values"),
         (dict(inputs=torch.tensor([[5, 243, 246, 246, 246, 246, 244]])), ValueError, "no `pixel_values` was given"),
         (dict(generation_logits_hook_func=lambda step, x, logits: logits * float("nan")), ValueError, "NaN"),
