@@ -14,7 +14,6 @@ request has its own streamer and its own frames, so concurrent users never see e
 """
 
 import argparse
-import html
 import queue
 import random
 import sys
@@ -35,7 +34,7 @@ from transformers_compat import BaseStreamer  # noqa: E402
 
 BLANK, NEW, FIXED = "blank", "new", "fixed"
 COLOR_MAP = {BLANK: "#d4d4d8", NEW: "#fb923c", FIXED: "#93c5fd"}
-BLANK_TEXT = "＿"
+BLANK_TEXT = "_"
 END_TEXT = "∅"  # a slot filled with end-of-answer padding (it decodes to nothing)
 PIPELINES = ("dim", "dream")
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy", "autoregressive", "origin-ratio")
@@ -218,9 +217,8 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
                 shown = time.perf_counter()
                 frames.append(item)
                 yield item, "", f"step {len(frames) - 1}", frames, gr.Slider(interactive=False)
-        except (ValueError, TypeError) as error:
-            # The package's message, escaped: gr.Error renders HTML and templates contain `<|mask|>`.
-            raise gr.Error(html.escape(str(error)), duration=None, print_exception=False) from error
+        except (ValueError, TypeError) as error:  # the package's bad-input errors; anything else is a bug
+            raise gr.Error(str(error), duration=None, print_exception=False) from error
 
     def replay(step, frames):
         return frames[int(step)] if frames else None
@@ -238,6 +236,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
                 scene = gr.Button("Draw a shapes scene")
                 question = gr.Textbox(DEFAULT_QUESTION, label="Question", elem_id="question")
                 template = gr.Textbox(
+                    "",
                     label="Response template (optional)",
                     placeholder="Color:<|mask|> Shape:<|mask|>",
                     info="Plain text stays fixed, <|mask|> is one slot, <|mask|>*N is N slots; sets the length.",
