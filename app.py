@@ -32,8 +32,9 @@ from generation_utils import DimpleGenerationConfig  # noqa: E402
 from shapes.task import random_scene, render  # noqa: E402
 from transformers_compat import BaseStreamer  # noqa: E402
 
-BLANK, NEW, FIXED = "blank", "new", "fixed"
-COLOR_MAP = {BLANK: "#d4d4d8", NEW: "#fb923c", FIXED: "#93c5fd"}
+# Every slot gets a category: Gradio's HighlightedText keeps a slot's old colour when its category becomes None.
+BLANK, NEW, DONE, FIXED = "undecided", "committed in this step", "committed earlier", "template (fixed)"
+COLOR_MAP = {BLANK: "#d4d4d8", NEW: "#fb923c", DONE: "#bbf7d0", FIXED: "#93c5fd"}
 BLANK_TEXT = "_"
 END_TEXT = "∅"  # a slot filled with end-of-answer padding (it decodes to nothing)
 PIPELINES = ("dim", "dream")
@@ -46,7 +47,7 @@ DEFAULT_QUESTION = "Describe the image."
 
 
 def canvas_segments(tokenizer, canvas: list[int], previous: list[int], start: list[int], mask_id: int) -> list:
-    """(text, category) per slot: blank while masked, `new` if committed by this step, `fixed` if the template set it."""
+    """(text, category) per slot: blank while masked, then new in the step that commits it; template tokens fixed."""
     segments = []
     for token, before, initial in zip(canvas, previous, start):
         if token == mask_id:
@@ -56,7 +57,7 @@ def canvas_segments(tokenizer, canvas: list[int], previous: list[int], start: li
         if initial != mask_id:
             segments.append((text, FIXED))
         else:
-            segments.append((text, NEW if before == mask_id else None))
+            segments.append((text, NEW if before == mask_id else DONE))
     return segments
 
 
@@ -227,8 +228,8 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
         gr.Markdown(
             "# Dimple: watch it think\n"
             "A discrete-diffusion VLM answers by filling a canvas of masked slots, several per forward pass. "
-            f"Blanks ({BLANK_TEXT}) are undecided, **new** marks the slots committed in this step, **fixed** the "
-            f"tokens of your response template; {END_TEXT} is end-of-answer padding."
+            f"Blanks ({BLANK_TEXT}) are undecided slots; orange marks the slots committed in this step, green those committed earlier, "
+            f"blue the fixed tokens of your response template; {END_TEXT} is end-of-answer padding."
         )
         with gr.Row():
             with gr.Column():
@@ -244,7 +245,12 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
                 )
                 with gr.Accordion("Decoding", open=True):
                     threshold = gr.Slider(
-                        0, 1, defaults.threshold, step=0.01, label="Threshold γ (0: off, fixed schedule only)"
+                        0,
+                        1,
+                        defaults.threshold,
+                        step=0.01,
+                        label="Threshold γ (0: off, fixed schedule only)",
+                        elem_id="threshold",
                     )
                     with gr.Row():
                         steps = gr.Number(defaults.steps, precision=0, maximum=MAX_SLOTS, label="Steps", elem_id="steps")
@@ -265,14 +271,15 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
                 stats = gr.Textbox(label="Decoding", elem_id="stats")
         frames = gr.State([])
 
-        scene.click(lambda: render(random_scene(random.Random())), None, image, api_name="scene")
+        # Drawing a scene and replaying read no model, so they need not wait behind other users' decodings.
+        scene.click(lambda: render(random_scene(random.Random())), None, image, api_name="scene", concurrency_limit=None)
         run.click(
             answer,
             [image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template],
             [canvas, answer_box, stats, frames, step],
             api_name="answer",
         )
-        step.release(replay, [step, frames], canvas, api_name="replay")
+        step.input(replay, [step, frames], canvas, api_name="replay", concurrency_limit=None)
     # One model instance: decode one request at a time, in arrival order; each has its own streamer and frames.
     return demo.queue(default_concurrency_limit=1)
 

@@ -103,7 +103,7 @@ def test_canvas_shows_blanks_new_fixed_and_earlier_slots(dimple):
     canvas = [fixed, early, late, mask]
     assert app.canvas_segments(tokenizer, canvas, previous, start, mask) == [
         ("Color", app.FIXED),
-        (" red", None),
+        (" red", app.DONE),
         (" circle", app.NEW),
         (app.BLANK_TEXT, app.BLANK),
     ]
@@ -188,3 +188,67 @@ def test_bad_input_returns_the_package_message_and_the_app_keeps_serving(server,
         client.predict(*api_args(image, "How many shapes are there?", template, **change), api_name="/answer")
     _, answer, _, _ = client.predict(*api_args(scene, "How many shapes are there?"), api_name="/answer")
     assert answer
+
+
+# ------------------------------------------------------------------------------------------- the browser
+
+
+def mid_decoding(blank_share: float) -> str:
+    """A page condition: the canvas shows committed slots and blanks, with fewer than `blank_share` of slots blank."""
+    return """() => {
+        const slots = [...document.querySelectorAll('#canvas .token .text')].map(node => node.textContent);
+        const blanks = slots.filter(text => text === '%s').length;
+        return blanks > 0 && blanks < slots.length * %s;
+    }""" % (app.BLANK_TEXT, blank_share)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no system Chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def ask_in_page(page, scene, question, template=""):
+    page.locator("#image input[type=file]").set_input_files(str(scene))
+    page.locator("#question textarea").fill(question)
+    page.locator("#template textarea").fill(template)
+    page.locator("#threshold input[type=number]").fill(str(SETTINGS["threshold"]))
+    page.locator("#steps input").fill(str(SETTINGS["steps"]))
+    page.locator("#run").click()
+
+
+def test_browser_streams_the_canvas_and_shows_diffusion_generates_answer(page, dimple, scene, tmp_path):
+    from PIL import Image
+
+    question = "Describe the image."
+    ask_in_page(page, scene, question)
+    page.wait_for_function(mid_decoding(1.0), timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#answer textarea').value !== ''", timeout=120_000)
+    expected = reference(dimple, Image.open(scene).convert("RGB"), question, **SETTINGS)[0]
+    assert page.locator("#answer textarea").input_value() == expected
+    assert page.locator("#stats textarea").input_value().startswith("forward passes: 8 ")
+    # The replay slider brings back step 6 of 8: the picture for the README, stable while it is taken.
+    page.locator("#replay input[type=number]").fill("6")
+    page.locator("#replay input[type=number]").press("Enter")
+    page.wait_for_function(mid_decoding(1.0), timeout=30_000)
+    page.wait_for_timeout(500)  # let the chips' colour transitions finish
+    page.screenshot(path=os.environ.get("APP_SCREENSHOT", tmp_path / "app-canvas.png"), full_page=True)
+
+
+def test_browser_shows_the_template_error_and_keeps_serving(page, scene):
+    ask_in_page(page, scene, "What is the color of the shape on the left?", template="Color:<|mask|>*0")
+    error = page.get_by_text("Invalid slot '<|mask|>*0' in a response template", exact=False)
+    error.first.wait_for(timeout=60_000)
+    page.locator("#template textarea").fill("Color:<|mask|> Shape:<|mask|>")
+    page.locator("#run").click()
+    page.wait_for_function(
+        "() => document.querySelector('#answer textarea').value.startsWith('Color:')", timeout=120_000
+    )
