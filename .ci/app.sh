@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q -r requirements-app.txt
 if ! command -v chromium >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
 fi
