@@ -201,6 +201,10 @@ def default_settings(model) -> Settings:
     )
 
 
+def draw_scene():
+    return render(random_scene(random.Random()))
+
+
 def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
     """The page. `frame_seconds`: each streamed canvas stays at least this long, so fast decodings stay watchable."""
     defaults = default_settings(model)
@@ -228,8 +232,8 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
         gr.Markdown(
             "# Dimple: watch it think\n"
             "A discrete-diffusion VLM answers by filling a canvas of masked slots, several per forward pass. "
-            f"Blanks ({BLANK_TEXT}) are undecided slots; orange marks the slots committed in this step, green those committed earlier, "
-            f"blue the fixed tokens of your response template; {END_TEXT} is end-of-answer padding."
+            f"Blanks ({BLANK_TEXT}) are undecided slots; orange marks the slots committed in this step, green those "
+            f"committed earlier, blue the fixed tokens of your response template; {END_TEXT} is end-of-answer padding."
         )
         with gr.Row():
             with gr.Column():
@@ -253,7 +257,9 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
                         elem_id="threshold",
                     )
                     with gr.Row():
-                        steps = gr.Number(defaults.steps, precision=0, maximum=MAX_SLOTS, label="Steps", elem_id="steps")
+                        steps = gr.Number(
+                            defaults.steps, precision=0, maximum=MAX_SLOTS, label="Steps", elem_id="steps"
+                        )
                         answer_length = gr.Number(
                             defaults.answer_length, precision=0, maximum=MAX_SLOTS, label="Answer length (slots)"
                         )
@@ -272,7 +278,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1) -> gr.Blocks:
         frames = gr.State([])
 
         # Drawing a scene and replaying read no model, so they need not wait behind other users' decodings.
-        scene.click(lambda: render(random_scene(random.Random())), None, image, api_name="scene", concurrency_limit=None)
+        scene.click(draw_scene, None, image, api_name="scene", concurrency_limit=None)
         run.click(
             answer,
             [image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template],

@@ -181,7 +181,9 @@ def test_replay_returns_this_sessions_own_steps(server, scene):
         ("scene", "", dict(pipeline="dream", alg="origin-ratio"), "exists only in the dim pipeline"),
     ],
 )
-def test_bad_input_returns_the_package_message_and_the_app_keeps_serving(server, scene, image, template, change, message):
+def test_bad_input_returns_the_package_message_and_the_app_keeps_serving(
+    server, scene, image, template, change, message
+):
     client = gradio_client.Client(server, verbose=False)
     image = scene if image == "scene" else image
     with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
