@@ -23,7 +23,7 @@ from shapes.task import random_scene, render  # noqa: E402
 
 # Threshold off and 8 steps for 32 slots: 4 slots per step, so every decoding shows intermediate canvases.
 SETTINGS = dict(threshold=0.0, steps=8, answer_length=32, pipeline="dim", alg="maskgit_plus", use_cache=True)
-FRAME_SECONDS = 0.4  # long enough for the browser to be caught mid-decoding
+FRAME_SECONDS = 0.25  # each streamed canvas stays long enough for the browser to see it
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
