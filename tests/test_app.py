@@ -1,0 +1,256 @@
+"""The Gradio demo (`app.py`): streamed canvases, errors, the API that scripts use, and a real browser.
+
+Needs the optional app dependencies (`pip install -r requirements-app.txt`) and is skipped without gradio; the browser
+test also needs Playwright and a system Chromium (`apt-get install chromium`) and is skipped without them. Set
+`APP_SCREENSHOT=docs/app-canvas.png` to refresh the README's screenshot of the canvas mid-decoding.
+"""
+
+import os
+import random
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the server under test
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+import app  # noqa: E402
+from shapes.task import random_scene, render  # noqa: E402
+
+# Threshold off and 8 steps for 32 slots: 4 slots per step, so every decoding shows intermediate canvases.
+SETTINGS = dict(threshold=0.0, steps=8, answer_length=32, pipeline="dim", alg="maskgit_plus", use_cache=True)
+FRAME_SECONDS = 0.25  # each streamed canvas stays long enough for the browser to see it
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def dimple():
+    return app.load(app.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("app") / "scene.png"
+    render(random_scene(random.Random(7))).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(dimple):
+    model, processor = dimple
+    demo = app.build_demo(model, processor, frame_seconds=FRAME_SECONDS)
+    _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def reference(dimple, image, question, template="", threshold=0.0, steps=8, answer_length=32, **settings):
+    """The answer of `diffusion_generate` called directly, with the settings the page sends."""
+    model, processor = dimple
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    options = dict(alg_p_threshold=threshold or None, steps=steps, max_new_tokens=answer_length)
+    options.update(decoding_pipeline=settings["pipeline"], alg=settings["alg"], use_cache=settings["use_cache"])
+    if template:
+        options.update(response_template=processor.encode_response_template(template), max_new_tokens=None)
+    output = model.diffusion_generate(**inputs, **options, return_dict_in_generate=True)
+    answer = output.sequences[0, inputs["input_ids"].shape[1] :]
+    return processor.post_process_answer(answer, skip_special_tokens=True), int(output.num_forward_passes[0])
+
+
+def stream(dimple, image, question, **overrides):
+    model, processor = dimple
+    settings = app.Settings(**{**SETTINGS, **overrides})
+    items = list(app.stream_decoding(model, processor, image, question, settings))
+    return items[:-1], items[-1]
+
+
+def api_args(image, question, template="", **overrides):
+    """The `/answer` endpoint's arguments, in the order of the page's inputs (SETTINGS lists them in that order)."""
+    settings = {**SETTINGS, **overrides}
+    return (image and gradio_client.handle_file(str(image)), question, *settings.values(), template)
+
+
+def categories(canvas) -> list:
+    """Category per slot, from the page's (text, category) pairs or the API's {token, class_or_confidence}."""
+    return [item["class_or_confidence"] if isinstance(item, dict) else item[1] for item in canvas]
+
+
+def texts(canvas) -> list[str]:
+    return [item["token"] if isinstance(item, dict) else item[0] for item in canvas]
+
+
+# --------------------------------------------------------------------------------------- the canvas itself
+
+
+def test_canvas_shows_blanks_new_fixed_and_earlier_slots(dimple):
+    _, processor = dimple
+    tokenizer, mask = processor.tokenizer, processor.mask_token_id
+    [fixed], [early], [late] = (tokenizer.encode(word) for word in ("Color", " red", " circle"))
+    start = [fixed, mask, mask, mask]
+    previous = [fixed, early, mask, mask]
+    canvas = [fixed, early, late, mask]
+    assert app.canvas_segments(tokenizer, canvas, previous, start, mask) == [
+        ("Color", app.FIXED),
+        (" red", app.DONE),
+        (" circle", app.NEW),
+        (app.BLANK_TEXT, app.BLANK),
+    ]
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert app.canvas_segments(tokenizer, [end], [mask], [mask], mask) == [(app.END_TEXT, app.NEW)]
+
+
+def test_stream_fills_the_canvas_and_ends_with_diffusion_generates_answer(dimple, scene):
+    from PIL import Image
+
+    image = Image.open(scene).convert("RGB")
+    question = "Describe the image."
+    canvases, result = stream(dimple, image, question)
+    expected, passes = reference(dimple, image, question, **SETTINGS)
+    assert result.answer == expected
+    assert result.passes == passes == len(canvases) - 1 == 8
+    assert set(categories(canvases[0])) == {app.BLANK}
+    blanks = [categories(canvas).count(app.BLANK) for canvas in canvases]
+    assert blanks == sorted(blanks, reverse=True) and blanks[-1] == 0
+    # Each step highlights exactly the slots it committed.
+    assert [categories(canvas).count(app.NEW) for canvas in canvases[1:]] == result.tokens_per_step
+    assert "".join(t for t in texts(canvases[-1]) if t != app.END_TEXT) == expected
+
+
+def test_template_tokens_stand_fixed_from_the_first_canvas(dimple, scene):
+    from PIL import Image
+
+    image = Image.open(scene).convert("RGB")
+    question, template = "What are the color and shape of the object on the left?", "Color:<|mask|> Shape:<|mask|>"
+    canvases, result = stream(dimple, image, question, template=template)
+    assert result.answer == reference(dimple, image, question, template, **SETTINGS)[0]
+    assert categories(canvases[0]) == [app.FIXED, app.FIXED, app.BLANK, app.FIXED, app.FIXED, app.BLANK]
+    assert all(categories(canvas)[:2] == [app.FIXED, app.FIXED] for canvas in canvases)
+    assert result.answer.startswith("Color:") and " Shape:" in result.answer
+
+
+# ------------------------------------------------------------------------------ the API (gradio_client)
+
+
+def test_two_concurrent_clients_get_their_own_answers_and_canvases(server, dimple, scene):
+    from PIL import Image
+
+    questions = ["Describe the image.", "How many shapes are there?"]
+    clients = [gradio_client.Client(server, verbose=False) for _ in questions]
+    jobs = [client.submit(*api_args(scene, q), api_name="/answer") for client, q in zip(clients, questions)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: job.result(timeout=300), jobs))
+    image = Image.open(scene).convert("RGB")
+    for question, job, (final_canvas, answer, summary, _) in zip(questions, jobs, results):
+        assert answer == reference(dimple, image, question, **SETTINGS)[0]
+        assert summary.startswith("forward passes: 8 ")
+        # Every canvas this client saw is a stage of its own answer: no slot ever showed another request's token.
+        final = texts(final_canvas)
+        for canvas, *_ in job.outputs()[:-1]:
+            assert all(text == end or text == app.BLANK_TEXT for text, end in zip(texts(canvas), final))
+    assert results[0][1] != results[1][1]
+
+
+def test_replay_returns_this_sessions_own_steps(server, scene):
+    client = gradio_client.Client(server, verbose=False)
+    job = client.submit(*api_args(scene, "Describe the image."), api_name="/answer")
+    final_canvas, _, _, replay_slider = job.result(timeout=300)
+    assert (replay_slider["maximum"], replay_slider["value"], replay_slider["interactive"]) == (8, 8, True)
+    assert set(categories(client.predict(0, api_name="/replay"))) == {app.BLANK}
+    assert client.predict(8, api_name="/replay") == final_canvas
+    assert client.predict(3, api_name="/replay") == job.outputs()[3][0]
+
+
+@pytest.mark.parametrize(
+    "image, template, change, message",
+    [
+        (None, "", {}, "no images were passed"),
+        ("scene", "Color:<|mask|>*0", {}, "Invalid slot '<|mask|>*0'"),
+        ("scene", "", dict(steps=0), "`steps` must be an integer >= 1"),
+        ("scene", "", dict(pipeline="dream", alg="origin-ratio"), "exists only in the dim pipeline"),
+    ],
+)
+def test_bad_input_returns_the_package_message_and_the_app_keeps_serving(
+    server, scene, image, template, change, message
+):
+    client = gradio_client.Client(server, verbose=False)
+    image = scene if image == "scene" else image
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
+        client.predict(*api_args(image, "How many shapes are there?", template, **change), api_name="/answer")
+    _, answer, _, _ = client.predict(*api_args(scene, "How many shapes are there?"), api_name="/answer")
+    assert answer
+
+
+# ------------------------------------------------------------------------------------------- the browser
+
+
+def mid_decoding(blank_share: float) -> str:
+    """A page condition: the canvas shows committed slots and blanks, with fewer than `blank_share` of slots blank."""
+    return """() => {
+        const slots = [...document.querySelectorAll('#canvas .token .text')].map(node => node.textContent);
+        const blanks = slots.filter(text => text === '%s').length;
+        return blanks > 0 && blanks < slots.length * %s;
+    }""" % (app.BLANK_TEXT, blank_share)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no system Chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(server)
+        yield page
+        browser.close()
+
+
+def ask_in_page(page, scene, question, template=""):
+    page.locator("#image input[type=file]").set_input_files(str(scene))
+    page.locator("#question textarea").fill(question)
+    page.locator("#template textarea").fill(template)
+    page.locator("#threshold input[type=number]").fill(str(SETTINGS["threshold"]))
+    page.locator("#steps input").fill(str(SETTINGS["steps"]))
+    page.locator("#run").click()
+
+
+def test_browser_streams_the_canvas_and_shows_diffusion_generates_answer(page, dimple, scene, tmp_path):
+    from PIL import Image
+
+    question = "Describe the image."
+    ask_in_page(page, scene, question)
+    page.wait_for_function(mid_decoding(1.0), timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#answer textarea').value !== ''", timeout=120_000)
+    expected = reference(dimple, Image.open(scene).convert("RGB"), question, **SETTINGS)[0]
+    assert page.locator("#answer textarea").input_value() == expected
+    assert page.locator("#stats textarea").input_value().startswith("forward passes: 8 ")
+    # The replay slider brings back step 6 of 8: the picture for the README, stable while it is taken.
+    page.locator("#replay input[type=number]").fill("6")
+    page.locator("#replay input[type=number]").press("Enter")
+    page.wait_for_function(mid_decoding(1.0), timeout=30_000)
+    page.wait_for_timeout(500)  # let the chips' colour transitions finish
+    page.screenshot(path=os.environ.get("APP_SCREENSHOT", tmp_path / "app-canvas.png"), full_page=True)
+
+
+def test_browser_shows_the_template_error_and_keeps_serving(page, scene):
+    ask_in_page(page, scene, "What is the color of the shape on the left?", template="Color:<|mask|>*0")
+    error = page.get_by_text("Invalid slot '<|mask|>*0' in a response template", exact=False)
+    error.first.wait_for(timeout=60_000)
+    page.locator("#template textarea").fill("Color:<|mask|> Shape:<|mask|>")
+    page.locator("#run").click()
+    page.wait_for_function(
+        "() => document.querySelector('#answer textarea').value.startsWith('Color:')", timeout=120_000
+    )
