@@ -1,5 +1,6 @@
 """Multi-process fine-tuning run for real (2 CPU processes, gloo), resumed runs, and the launcher's warning."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,12 +48,22 @@ def logged_losses(output_dir):
     return [(entry["epoch"], entry["loss"]) for entry in history if "loss" in entry]
 
 
-def test_two_processes_train_exactly_like_one_with_the_same_global_batch(processor, tmp_path):
+needs_deepspeed = pytest.mark.skipif(not importlib.util.find_spec("deepspeed"), reason="deepspeed absent")
+
+
+@pytest.mark.parametrize(
+    "deepspeed",
+    [None, pytest.param("zero1.json", marks=needs_deepspeed), pytest.param("zero2.json", marks=needs_deepspeed)],
+)
+def test_two_processes_train_exactly_like_one_with_the_same_global_batch(processor, tmp_path, deepspeed):
     base, data, images = write_finetune_inputs(processor, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    two_args = finetune_args(base, data, images, tmp_path / "two", 1)
+    if deepspeed:  # DeepSpeed runs on CPU with its own CPU accelerator
+        two_args += ["--deepspeed", str(REPO_ROOT / "examples" / "configs" / deepspeed)]
     two = subprocess.run(
-        torchrun + [str(REPO_ROOT / "examples" / "finetune.py"), *finetune_args(base, data, images, tmp_path / "two", 1)],
+        torchrun + [str(REPO_ROOT / "examples" / "finetune.py"), *two_args],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
