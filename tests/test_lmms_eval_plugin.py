@@ -74,8 +74,9 @@ def run_lmms_eval(task_folder, output, launcher=()):
     answers = {}
     for line in samples.read_text().splitlines():
         sample = json.loads(line)
-        answers[sample["doc_id"]] = sample["filtered_resps"][0]
-    return json.loads(results.read_text())["results"]["shapes_vqa"], answers, run.stderr
+        response = sample["filtered_resps"]  # lmms-eval logs one response per doc, bare or in a list
+        answers[sample["doc_id"]] = response[0] if isinstance(response, list) else response
+    return json.loads(results.read_text())["results"]["shapes_vqa"], answers, run.stdout + run.stderr
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,10 @@ Installing this package (`pip install -e integrations/lmms_eval`) is the whole s
 patched. The model class lives in `lmms_eval_dimple.model` and is imported only when `--model dimple` is used.
 """
 
-from lmms_eval.models.registry_v2 import ModelManifest
 
-MANIFEST = ModelManifest(model_id="dimple", simple_class_path="lmms_eval_dimple.model.Dimple")
+def manifest():
+    """The entry point's payload. A function, so that importing this package does not import lmms-eval's model
+    registry, which loads the entry points itself (importing it from here would be circular)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="dimple", simple_class_path="lmms_eval_dimple.model.Dimple")
