@@ -102,7 +102,9 @@ def test_resumed_run_draws_the_same_masks_as_an_uninterrupted_one(processor, tmp
             learning_rate=1e-2, warmup_steps=0,
         )  # fmt: skip
         batches = record_batches(monkeypatch)
-        build_trainer(make_tiny_model(), processor, toy_samples(), "diffusion", args).train(resume_from_checkpoint=resume)
+        build_trainer(make_tiny_model(), processor, toy_samples(), "diffusion", args).train(
+            resume_from_checkpoint=resume
+        )
         return batches
 
     uninterrupted = run()
@@ -111,9 +113,13 @@ def test_resumed_run_draws_the_same_masks_as_an_uninterrupted_one(processor, tmp
         for step, batch in enumerate(uninterrupted[done:5]):
             for key in batch:
                 assert torch.equal(torch.as_tensor(resumed[step][key]), torch.as_tensor(batch[key])), (checkpoint, key)
+
     # The epoch reaches the collator: a sample of step 4 (epoch 1) was drawn differently in epoch 0.
     def scored(batch):  # per sample: its scored positions and tokens, whatever the batch's padded width
-        return {index: [(p, int(t)) for p, t in enumerate(row) if t != -100] for index, row in zip(batch["indices"], batch["labels"])}
+        return {
+            index: [(p, int(t)) for p, t in enumerate(row) if t != -100]
+            for index, row in zip(batch["indices"], batch["labels"])
+        }
 
     first_epoch = {index: row for batch in uninterrupted[:3] for index, row in scored(batch).items()}
     assert all(row != first_epoch[index] for index, row in scored(uninterrupted[3]).items())

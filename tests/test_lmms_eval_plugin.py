@@ -42,8 +42,8 @@ def test_settings_resolve_published_then_model_args_then_request():
     # steps follow max_new_tokens unless given; the request overrides --model_args.
     settings, _ = generation_settings({"alg": "entropy", "max_new_tokens": 16}, {"max_new_tokens": 64})
     assert (settings["alg"], settings["max_new_tokens"], settings["steps"]) == ("entropy", 64, 64)
-    settings, _ = generation_settings({"steps": 4}, {"max_new_tokens": 64, "until": "###"})
-    assert settings["steps"] == 4
+    settings, stops = generation_settings({"steps": 4, "top_k": "None"}, {"max_new_tokens": 64, "until": "###"})
+    assert (settings["steps"], settings["top_k"], stops) == (4, None, ["###"])
     with pytest.raises(ValueError, match="num_beams"):
         generation_settings({}, {"num_beams": 4})
 

@@ -22,9 +22,9 @@ Each row of a batch is decoded on its own, so batching changes no answer at temp
 import os
 
 import torch
-from loguru import logger
 from lmms_eval import utils
 from lmms_eval.api.model import lmms
+from loguru import logger
 from tqdm import tqdm
 from transformers import AutoModel, AutoProcessor
 
@@ -62,9 +62,11 @@ class Dimple(lmms):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self._device = torch.device(device or default_device())
-        self._model = AutoModel.from_pretrained(
-            pretrained, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype)
-        ).to(self._device).eval()
+        self._model = (
+            AutoModel.from_pretrained(pretrained, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype))
+            .to(self._device)
+            .eval()
+        )
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         self.batch_size_per_device = int(batch_size)
         self.system_prompt = system_prompt
@@ -98,7 +100,9 @@ class Dimple(lmms):
 
     def generate_until(self, requests) -> list[str]:
         # Batches share one set of generation_kwargs (lmms-eval's Collator groups by them); longest prompts first.
-        reorder = utils.Collator([request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True)
+        reorder = utils.Collator(
+            [request.args for request in requests], lambda args: (-len(args[0]), args[0]), grouping=True
+        )
         answers = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Dimple answering")
         for chunk in reorder.get_batched(n=self.batch_size, batch_fn=None):
@@ -151,6 +155,8 @@ def generation_settings(model_args: dict, generation_kwargs: dict | None) -> tup
     if request.pop("do_sample", None) is False:
         request["temperature"] = 0.0
     settings = {**PUBLISHED_SETTINGS, **model_args, **request}
+    # `--model_args alg_p_threshold=None` arrives as the string "None".
+    settings = {name: None if value in ("None", "none") else value for name, value in settings.items()}
     if "steps" not in model_args and "steps" not in request:
         settings["steps"] = settings["max_new_tokens"]
     return settings, stop_strings
@@ -160,7 +166,7 @@ def default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     # torchrun / accelerate launch: one GPU per process.
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def resolve_dtype(dtype: str):
