@@ -54,7 +54,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, logging
+
+logger = logging.get_logger(__name__)
 
 try:
     from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
@@ -391,7 +393,7 @@ class DimpleDataCollator:
         eps: smallest diffusion mask ratio.
         image_folder: where relative image paths start.
         resize_images: apply upstream's pre-resize (`pre_resize`) with the image processor's pixel bounds.
-        seed: seeds the padding and masking draws (mixed with the process rank and DataLoader worker seed).
+        seed: seeds the padding and masking draws, which are per sample (see `_sample_generator`).
         system_prompt: system text for samples without a system message.
 
     Returns (from `__call__`): `input_ids`, `attention_mask`, `labels` (right-padded with the pad id / 0 / -100),
@@ -429,7 +431,7 @@ class DimpleDataCollator:
         self.mask_token_id = self._token_id("<|mask|>")
         self.image_token_id = self._token_id("<|image_pad|>")
         self.vision_start_token_id = self._token_id("<|vision_start|>")
-        self._generator, self._generator_key = None, None
+        self.epoch = 0
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -437,16 +439,16 @@ class DimpleDataCollator:
             raise ValueError(f"The tokenizer has no {token} token, which Dimple's training format needs.")
         return token_id
 
-    def _rng(self) -> torch.Generator:
-        # DataLoader workers are reseeded by PyTorch every epoch; mixing in that seed and the process rank keeps
-        # workers, epochs and ranks from repeating each other's masks while runs stay reproducible.
-        worker = torch.utils.data.get_worker_info()
-        key = (os.getpid(), worker.seed if worker else None)
-        if key != self._generator_key:
-            rank = int(os.environ.get("RANK", 0))
-            seed = hash((self.seed, rank, worker.seed if worker else 0)) % 2**63
-            self._generator, self._generator_key = torch.Generator().manual_seed(seed), key
-        return self._generator
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the masks of `epoch` (as a sampler's `set_epoch`); `DimpleTrainer` calls it at every epoch start."""
+        self.epoch = epoch
+
+    def _sample_generator(self, index: int) -> torch.Generator:
+        """The padding and masking draws of one sample, a function of the seed, the sample's dataset index and the
+        epoch only: masks do not depend on how samples fall into batches, processes, DataLoader workers or
+        accumulation steps, and a run resumed from a checkpoint (which holds the epoch) draws what an
+        uninterrupted one would. Samples collated without a dataset index use their position in the batch."""
+        return torch.Generator().manual_seed(hash((self.seed, index, self.epoch)) % 2**63)
 
     # ---------------------------------------------------------------------------------------------- samples
 
@@ -562,7 +564,6 @@ class DimpleDataCollator:
     # ------------------------------------------------------------------------------------------------ batch
 
     def __call__(self, features) -> dict[str, torch.Tensor]:
-        generator = self._rng()
         copies = 2 if self.objective == "diffusion" and self.mask_strategy == "dual" else 1
         rows = [[] for _ in range(copies)]
         pixel_values, grids = [], []
@@ -571,6 +572,7 @@ class DimpleDataCollator:
             if isinstance(feature, dict) and "sample_index" in feature:
                 sample = {key: value for key, value in feature.items() if key != "sample_index"}
                 index = feature["sample_index"]
+            generator = self._sample_generator(index)
             encoded = self.encode(sample, index, generator)
             if self.objective == "ar":
                 rows[0].append((encoded.input_ids, encoded.labels, encoded.answer_mask))
@@ -631,6 +633,8 @@ class DimpleTrainer(Trainer):
     def __init__(self, *args, processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.processor = processor
+        if callable(getattr(self.data_collator, "set_epoch", None)):
+            self.add_callback(CollatorEpochCallback(self.data_collator))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key not in COLLATOR_ONLY_KEYS}
@@ -642,12 +646,44 @@ class DimpleTrainer(Trainer):
             self.processor.save_pretrained(output_dir or self.args.output_dir)
 
 
+class CollatorEpochCallback(TrainerCallback):
+    """Tells the collator which epoch starts, so each epoch draws new masks; on resume the epoch comes from the
+    checkpoint's trainer state, so the collator's random state needs no file of its own."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(math.floor(state.epoch or 0))
+
+
+def warn_if_single_process(args: TrainingArguments) -> bool:
+    """Warn (and return True) when a launcher asked for several processes but this one trains alone.
+
+    Two ways this happens on a machine without a GPU: `accelerate launch --cpu --num_processes N` (with or without
+    a MULTI_CPU config) runs the script once, leaving `MASTER_ADDR` for an MPI launcher that never came; and
+    `torchrun --nproc_per_node N` starts N processes, but without `use_cpu=True` (which `stage_training_arguments`
+    sets when there is no accelerator) transformers makes each of them train alone on the whole data set.
+    """
+    world_size = os.environ.get("WORLD_SIZE")
+    launched = int(world_size) > 1 if world_size else "MASTER_ADDR" in os.environ
+    if not launched or args.world_size > 1:
+        return False
+    logger.warning(
+        "A multi-process launch ended up training in a single process (world size 1): this run trains alone, with "
+        "a global batch of per_device_train_batch_size x gradient_accumulation_steps. Without a GPU, launch with "
+        "`torchrun --nproc_per_node N examples/finetune.py ...` (not `accelerate launch --cpu`) and keep "
+        "use_cpu=True in TrainingArguments."
+    )
+    return True
+
+
 def stage_training_arguments(stage: str, output_dir: str, **overrides) -> TrainingArguments:
     """`TrainingArguments` with the reference §6.4 defaults of `stage`; keyword arguments override them.
 
     Defaults: the stage's learning rate and max grad norm, AdamW (torch), weight decay 0, 3 % linear warm-up then
-    linear decay, seed 0, one epoch, no reporting. `remove_unused_columns` is always False: the collator needs the
-    raw `messages` / `images`.
+    linear decay, seed 0, one epoch, no reporting, `use_cpu` when there is no accelerator. `remove_unused_columns`
+    is always False: the collator needs the raw `messages` / `images`.
     """
     spec = get_stage(stage)
     values = dict(
@@ -661,6 +697,8 @@ def stage_training_arguments(stage: str, output_dir: str, **overrides) -> Traini
         num_train_epochs=1,
         seed=0,
         report_to="none",
+        # Without it, processes started by torchrun on a machine with no accelerator each train alone.
+        use_cpu=not torch.accelerator.is_available(),
     )
     values.update(overrides)
     values["remove_unused_columns"] = False
@@ -749,6 +787,7 @@ __all__ = [
     "STAGES",
     "ChatDataset",
     "ChatSample",
+    "CollatorEpochCallback",
     "DimpleDataCollator",
     "DimpleTrainer",
     "EncodedSample",
@@ -766,4 +805,5 @@ __all__ = [
     "save_final_model",
     "stage_training_arguments",
     "validate_samples",
+    "warn_if_single_process",
 ]

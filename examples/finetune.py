@@ -56,6 +56,7 @@ from training_dimple import (  # noqa: E402
     lora_config,
     save_final_model,
     stage_training_arguments,
+    warn_if_single_process,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     optim = parser.add_argument_group("optimisation (defaults: the stage's values)")
+    optim.add_argument("--optim", default="adamw_torch", help="A TrainingArguments optimizer name (e.g. sgd).")
     optim.add_argument("--learning_rate", type=float)
     optim.add_argument("--max_grad_norm", type=float)
     optim.add_argument("--warmup_steps", type=float, default=0.03, help="Steps, or a fraction of all steps if < 1.")
@@ -111,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def training_overrides(args: argparse.Namespace) -> dict:
     """TrainingArguments values from the command line; unset optimisation values keep the stage defaults."""
     overrides = dict(
+        optim=args.optim,
         warmup_steps=args.warmup_steps,
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -138,12 +141,14 @@ def main(argv=None):
     lora = lora_config(args.stage, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
     processor = AutoProcessor.from_pretrained(args.processor or args.model, trust_remote_code=True)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
+    training_args = stage_training_arguments(args.stage, args.output_dir, **training_overrides(args))
+    warn_if_single_process(training_args)
     trainer = build_trainer(
         model,
         processor,
         args.data,
         args.stage,
-        stage_training_arguments(args.stage, args.output_dir, **training_overrides(args)),
+        training_args,
         lora=lora,
         image_folder=args.image_folder,
         mask_strategy=args.mask_strategy,
