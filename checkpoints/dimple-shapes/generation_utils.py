@@ -498,7 +498,8 @@ def reanchored_fallback(remaining, total_masks, step, timesteps):
 def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
     """Dream v0: k = int(c * (1 - s / t)) between t = timesteps[step] and s = timesteps[step + 1]."""
     remaining = state.remaining
-    t, s = state.timesteps[state.step], state.timesteps[state.step + 1]
+    here = state.step[None]  # a 1-element index: a 0-d one would read the step on the host
+    t, s = state.timesteps[here], state.timesteps[here + 1]
     count = (remaining.float() * (1 - s / t)).long()
     if rules.alg == "origin":
         count = (state.masked & (state.draws < 1 - s / t)).sum(1)
