@@ -422,6 +422,20 @@ def test_compiled_step_has_one_graph_and_gives_the_eager_tokens():
     assert (eager.tokens_per_step > 1).any()  # and the threshold fired
 
 
+def test_compiled_step_draws_like_the_eager_step():
+    """Random draws are made outside the step, so with the same seed a compiled random run repeats the eager one."""
+    model = confident_model()
+    ids, mask = left_pad([PROMPT, [8, 9]], PAD)
+    settings = dict(
+        attention_mask=mask, max_new_tokens=6, steps=6, decoding_pipeline="dream", alg="origin", temperature=0.7,
+        top_k=50, top_p=0.9, use_cache=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = model.diffusion_generate(ids, **settings)
+    torch.manual_seed(0)
+    assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
+
+
 def test_video_prompt_decodes_with_and_without_cache():
     model = confident_model()
     config = model.config
