@@ -1,4 +1,4 @@
-"""Generation for Dimple: `diffusion_generate` (masked-diffusion decoding) and a working autoregressive `generate`.
+"""Diffusion generation for Dimple: `diffusion_generate` (masked-diffusion decoding), its settings and streamer.
 
 `diffusion_generate` appends N `<|mask|>` slots to the prompt and fills them over several forward passes. Each pass
 scores every answer slot; a *pipeline* decides which masked slots are committed:
@@ -13,6 +13,11 @@ scores every answer slot; a *pipeline* decides which masked slots are committed:
 only), `autoregressive` (leftmost first), `maskgit_plus` (token probability), `topk_margin` (top-1 minus top-2
 probability) or `entropy` (negative entropy). All the rules follow the reference description of the released model
 (spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
+
+One step of it is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`)
+says how many slots each row commits and a ranking (`RANKINGS[alg]`) which ones. With the prefill cache,
+[`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`. The autoregressive
+`generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
 """
 
 import functools
@@ -36,34 +41,16 @@ PIPELINES = ("dim", "dream")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 # The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
-DIFFUSION_DEFAULTS = {
-    "steps": 512,
-    "eps": 1e-3,
-    "alg": "origin",
-    "alg_temp": None,
-    "alg_p_threshold": None,
-    "use_original_confidence": True,
-    "decoding_pipeline": "dim",
-    "cache_refresh_interval": 0,
-    "compile_step": False,
-    "output_history": False,
-    "mask_token_id": None,
-}
+DIFFUSION_DEFAULTS = dict(
+    steps=512, eps=1e-3, alg="origin", alg_temp=None, alg_p_threshold=None, use_original_confidence=True,
+    decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
+)  # fmt: skip
 # Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
 # standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
-SHARED_DEFAULTS = {
-    "temperature": 0.0,
-    "max_length": 20,
-    "use_cache": False,
-    "num_return_sequences": 1,
-    "return_dict_in_generate": False,
-    "max_new_tokens": None,
-    "top_p": None,
-    "top_k": None,
-    "pad_token_id": None,
-    "bos_token_id": None,
-    "eos_token_id": None,
-}
+SHARED_DEFAULTS = dict(
+    temperature=0.0, max_length=20, use_cache=False, num_return_sequences=1, return_dict_in_generate=False,
+    max_new_tokens=None, top_p=None, top_k=None, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+)  # fmt: skip
 DIFFUSION_ONLY_ARGUMENTS = (*DIFFUSION_DEFAULTS, "response_template", "generation_tokens_hook_func",
                             "generation_logits_hook_func")  # fmt: skip
 UPSTREAM_DEFAULT_MAX_LENGTH = SHARED_DEFAULTS["max_length"]
@@ -160,10 +147,15 @@ class DimpleGenerationConfig(GenerationConfig):
         }
 
     @property
+    def random_slots(self) -> bool:
+        """Whether slots are chosen with the RNG: a random `alg`, or `alg_temp` > 0 with a confidence algorithm."""
+        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
+        return self.alg in RANDOM_ALGORITHMS or sampled_slots
+
+    @property
     def is_random(self) -> bool:
         """Whether two runs can differ: sampled tokens or randomly chosen slots."""
-        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
-        return (self.temperature or 0) > 0 or self.alg in RANDOM_ALGORITHMS or sampled_slots
+        return (self.temperature or 0) > 0 or self.random_slots
 
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
         """Raise a `ValueError` naming the first invalid setting; warn about combinations that have no effect.
@@ -406,6 +398,7 @@ class StepRules:
     eps: float
     steps: int
     mask_token_id: int
+    random_slots: bool  # the step reads its uniform draws
 
     @classmethod
     def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
@@ -414,12 +407,6 @@ class StepRules:
         # Dream's sampler always scores slots on the filtered distribution.
         values["use_original_confidence"] = config.use_original_confidence and config.decoding_pipeline == "dim"
         return cls(**values)
-
-    @property
-    def needs_draws(self) -> bool:
-        """Whether a step reads uniform draws per slot (random slot choice)."""
-        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
-        return self.alg in RANDOM_ALGORITHMS or sampled_slots
 
 
 @dataclass
@@ -455,15 +442,8 @@ def denoising_step(
     the random rankings and schedules, `noise` `[B, N, V]` Exp(1) numbers for sampling tokens (temperature > 0).
     """
     masked = answer == rules.mask_token_id
-    confidence, tokens = sample_tokens(
-        logits,
-        rules.temperature,
-        rules.top_p,
-        rules.top_k,
-        confidence_kind(rules.alg),
-        rules.use_original_confidence,
-        noise,
-    )
+    sampling = (rules.temperature, rules.top_p, rules.top_k, confidence_kind(rules.alg), rules.use_original_confidence)
+    confidence, tokens = sample_tokens(logits, *sampling, noise)
     state = StepState(masked, confidence, draws, total_masks, step, timesteps)
     count, by_confidence = SCHEDULES[rules.decoding_pipeline](state, rules)
     score = torch.where(by_confidence[:, None], confidence, RANKINGS[rules.alg](state, rules))
@@ -481,7 +461,8 @@ def schedule_can_commit(answer, step, total_masks, timesteps, draws, rules: Step
         return True
     masked = answer == rules.mask_token_id
     no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
-    count, _ = SCHEDULES[rules.decoding_pipeline](StepState(masked, no_confidence, draws, total_masks, step, timesteps), rules)
+    state = StepState(masked, no_confidence, draws, total_masks, step, timesteps)
+    count, _ = SCHEDULES[rules.decoding_pipeline](state, rules)
     return bool((count > 0).any())
 
 
@@ -545,7 +526,8 @@ def reanchored_fallback(remaining, total_masks, step, timesteps):
 def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
     """Dream v0: k = int(c * (1 - s / t)) between t = timesteps[step] and s = timesteps[step + 1]."""
     remaining = state.remaining
-    t, s = state.timesteps[state.step], state.timesteps[state.step + 1]
+    here = state.step[None]  # a 1-element index: a 0-d one would read the step on the host
+    t, s = state.timesteps[here], state.timesteps[here + 1]
     count = (remaining.float() * (1 - s / t)).long()
     if rules.alg == "origin":
         count = (state.masked & (state.draws < 1 - s / t)).sum(1)
@@ -567,9 +549,7 @@ def random_order(state: StepState, rules: StepRules) -> torch.Tensor:
 
 
 def leftmost_first(state: StepState, rules: StepRules) -> torch.Tensor:
-    return -torch.arange(state.masked.shape[1], device=state.masked.device, dtype=torch.float32).expand(
-        state.masked.shape
-    )
+    return -torch.arange(state.masked.shape[1], device=state.masked.device).float().expand(state.masked.shape)
 
 
 def most_confident(state: StepState, rules: StepRules) -> torch.Tensor:
@@ -744,11 +724,9 @@ def compiled_denoising_pass(device_type: str):
 
 def step_randomness(answer: torch.LongTensor, rules: StepRules, vocab_size: int):
     """This step's random numbers, drawn outside the step: uniform draws per slot and Exp(1) noise per token."""
-    draws = torch.rand(answer.shape, device=answer.device) if rules.needs_draws else None
-    noise = None
-    if rules.temperature > 0:
-        noise = torch.empty(*answer.shape, vocab_size, device=answer.device).exponential_()
-    return draws, noise
+    draws = torch.rand(answer.shape, device=answer.device) if rules.random_slots else torch.zeros_like(answer).float()
+    sampling = rules.temperature > 0
+    return draws, torch.empty(*answer.shape, vocab_size, device=answer.device).exponential_() if sampling else None
 
 
 # ------------------------------------------------------------------------------------------------------- mixin
@@ -756,9 +734,6 @@ def step_randomness(answer: torch.LongTensor, rules: StepRules, vocab_size: int)
 
 class DimpleGenerationMixin(GenerationMixin):
     """`diffusion_generate` for Dimple (the autoregressive `generate` plumbing lives in `modeling_dimple.py`)."""
-
-
-    # ------------------------------------------------------------------------------------ diffusion_generate
 
     @torch.no_grad()
     def diffusion_generate(
@@ -811,6 +786,9 @@ class DimpleGenerationMixin(GenerationMixin):
             - the dim fallback no longer raises when almost no mask is left (it commits what is left);
             - `autoregressive` flushes the remaining masks at the last step, like every other algorithm;
             - ties between confidences are broken by position (leftmost first) instead of `torch.topk`'s order;
+            - random choices use one uniform draw per slot (lowest first; Gumbel top-k with `alg_temp`) and tokens are
+              sampled as argmax(p / Exp(1) noise): upstream's laws, other random streams than its `randperm`,
+              `multinomial` and `Categorical`;
             - the dream pipeline also stops once no mask is left (the sequences are the same, the history shorter);
             - the hooks always see `[B, P + N]` tokens and `[B, N, V]` answer logits, with or without the cache;
             - images are encoded once per call; logits are computed only at the N positions that score answer slots;
@@ -832,7 +810,6 @@ class DimpleGenerationMixin(GenerationMixin):
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
-        no_draws = torch.zeros(batch.answer.shape, device=batch.x.device)
         cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
@@ -842,7 +819,7 @@ class DimpleGenerationMixin(GenerationMixin):
             if not active.any():
                 break
             draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
-            step_inputs = (step_index[step], total_masks, timesteps, no_draws if draws is None else draws, rules, noise)
+            step_inputs = (step_index[step], total_masks, timesteps, draws, rules, noise)
             hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
             if not hooked and not schedule_can_commit(batch.answer, *step_inputs[:-1]):
                 answer, committed = batch.answer, torch.zeros_like(total_masks)  # no forward pass without effect
