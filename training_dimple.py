@@ -59,8 +59,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, logging
 logger = logging.get_logger(__name__)
 
 try:
+    from .image_processing_dimple import MAX_ASPECT_RATIO
     from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 except ImportError:  # imported from the repository root rather than as a package
+    from image_processing_dimple import MAX_ASPECT_RATIO
     from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 
 IGNORE_INDEX = -100
@@ -313,8 +315,8 @@ def pre_resize(image: Image.Image, min_pixels: int, max_pixels: int, min_side: i
         scale = math.sqrt(min_pixels / (width * height))
         width, height = math.ceil(width * scale), math.ceil(height * scale)
     width, height = max(width, min_side), max(height, min_side)
-    # The vision tower rejects aspect ratios above 200; upstream clamps them to 180:1.
-    if max(width, height) > 200 * min(width, height):
+    # The vision tower rejects aspect ratios above MAX_ASPECT_RATIO (200); upstream clamps them to 180:1.
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         width, height = (height * 180, height) if width > height else (width, width * 180)
     return image if (width, height) == image.size else image.resize((width, height), Image.BICUBIC)
 
