@@ -669,6 +669,14 @@ def answer_length_without_template(config, prompt_length: int, max_length_passed
     return total - prompt_length
 
 
+def check_fits(prompt_length: int, answer_length: int, max_positions: int | None):
+    if max_positions and prompt_length + answer_length > max_positions:
+        raise ValueError(
+            f"The prompt ({prompt_length} tokens) plus the answer ({answer_length} slots) exceed the model's "
+            f"{max_positions} positions (config.max_position_embeddings); lower `max_new_tokens` or shorten the template."
+        )
+
+
 def check_hook_output(name: str, value, expected: torch.Tensor):
     if not isinstance(value, torch.Tensor) or value.shape != expected.shape:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -928,12 +936,12 @@ class DimpleGenerationMixin(GenerationMixin):
 
         prompt, prompt_mask = left_align(input_ids, attention_mask)
         batch_size, prompt_length = prompt.shape
-        length = None
+        length, max_positions = None, getattr(self.config, "max_position_embeddings", None)
         if response_template is None:
-            max_positions = getattr(self.config, "max_position_embeddings", None)
             length = answer_length_without_template(config, prompt_length, max_length_passed, max_positions)
-        self._check_total_length(prompt_length, length, response_template, config)
+            check_fits(prompt_length, length, max_positions)  # before the canvas is allocated
         canvas, canvas_mask = answer_canvas(response_template, batch_size, length, config, device)
+        check_fits(prompt_length, canvas.shape[1], max_positions)
         self.check_token_ids(canvas, "response_template")
         x = torch.cat([prompt, canvas], dim=1)
         full_mask = torch.cat([prompt_mask, canvas_mask], dim=1)
@@ -949,19 +957,6 @@ class DimpleGenerationMixin(GenerationMixin):
             aligned_prompt=prompt.clone(),
         )
         return self._repeat_rows(batch, config.num_return_sequences)
-
-    def _check_total_length(self, prompt_length, answer_length, response_template, config):
-        """Prompt + answer must fit the model's positions; checked before the canvas is allocated."""
-        limit = getattr(self.config, "max_position_embeddings", None)
-        if answer_length is None:  # the template sets the length
-            rows = response_template if isinstance(response_template, (list, tuple, torch.Tensor)) else []
-            nested = len(rows) > 0 and isinstance(rows[0], (list, tuple, torch.Tensor))
-            answer_length = max((len(row) for row in rows), default=0) if nested else len(rows)
-        if limit and prompt_length + answer_length > limit:
-            raise ValueError(
-                f"The prompt ({prompt_length} tokens) plus the answer ({answer_length} slots) exceed the model's "
-                f"{limit} positions (config.max_position_embeddings); lower `max_new_tokens` or shorten the template."
-            )
 
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
         """Token embeddings with the image/video features in their placeholder slots (images encoded once a call)."""
