@@ -15,7 +15,6 @@ checks that both paths return the same tokens, and exits with an error if they d
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,19 +22,10 @@ from transformers import AutoModel, AutoProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from bench_speed import seconds  # noqa: E402
 from shapes.task import heldout_examples, messages, render  # noqa: E402
 
 SLOTS = 32
-
-
-def seconds(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def prompts(processor, batch_size: int, device: str) -> dict:

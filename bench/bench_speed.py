@@ -52,19 +52,21 @@ def parse_setting(text: str) -> tuple[int, int, int]:
     return parts["P"], parts["L"], parts["B"]
 
 
+def seconds(fn, device: str) -> float:
+    """Wall time of one `fn()`, with the GPU's queue drained before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, device: str, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs, after one warm-up run."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def diffusion_step_ms(model, ids, answer, steps, device, repeats, **options) -> float:
