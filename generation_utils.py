@@ -457,8 +457,8 @@ def schedule_can_commit(answer, step, total_masks, timesteps, draws, rules: Step
     Only the threshold of confident decoding reads the logits; every other count (dream's schedule, a ratio's draws,
     the fallback) is known in advance, so a step whose count is 0 for every row commits nothing and is not run.
     """
-    if rules.decoding_pipeline == "dim" and rules.alg_p_threshold is not None:
-        return True
+    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.alg != "origin-ratio"):
+        return True  # the threshold may fire, or the fallback commits at least one slot
     masked = answer == rules.mask_token_id
     no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
     state = StepState(masked, no_confidence, draws, total_masks, step, timesteps)
