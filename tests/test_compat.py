@@ -59,6 +59,35 @@ def test_importing_the_package_under_a_too_old_transformers_fails_first_with_the
     assert f"IMPORT-ERROR Dimple needs transformers>={OLDEST_SUPPORTED}, but 5.22.0 is installed" in run.stdout
 
 
+REMOTE_CODE_UNDER_OLD_RELEASE = textwrap.dedent(
+    """
+    import importlib.metadata, sys
+    import transformers
+    real_version = importlib.metadata.version
+    importlib.metadata.version = lambda name: "5.22.0" if name == "transformers" else real_version(name)
+    loader = getattr(transformers, sys.argv[2])
+    try:
+        loader.from_pretrained(sys.argv[1], trust_remote_code=True)
+    except ImportError as error:
+        print("IMPORT-ERROR", error)
+    """
+)
+
+
+@pytest.mark.parametrize("loader", ["AutoConfig", "AutoModel", "AutoProcessor"])
+def test_remote_code_under_a_too_old_transformers_fails_with_the_packages_message(tmp_path, loader):
+    # Loaded as remote code the modules import their siblings relatively; the version check's ImportError must
+    # come through those imports instead of turning into "No module named 'configuration_dimple'".
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    folder = REPO_ROOT / "checkpoints" / "dimple-shapes"
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_UNDER_OLD_RELEASE, str(folder), loader],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,  # no Dimple module on the import path
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"IMPORT-ERROR Dimple needs transformers>={OLDEST_SUPPORTED}, but 5.22.0 is installed" in run.stdout
+
+
 def test_requirements_cap_transformers_below_the_next_untested_minor():
     major, minor = (int(part) for part in NEWEST_TESTED.split("."))
     oldest = ".".join(OLDEST_SUPPORTED.split(".")[:2])

@@ -9,7 +9,9 @@ vision tower Dimple reuses unchanged.
 # this package does not support (this is the first Dimple module a loader imports).
 try:
     from .transformers_compat import check_transformers_version  # noqa: F401
-except ImportError:  # imported from the repository root rather than as remote code
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from transformers_compat import check_transformers_version  # noqa: F401
 
 from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig  # noqa: E402
