@@ -201,6 +201,38 @@ def test_assembled_folder_runs_this_packages_code_on_released_style_weights(tmp_
     assert settings.mask_token_id == make_tiny_config().mask_token_id
 
 
+SILENT_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoProcessor
+    sys.path.insert(0, sys.argv[2])
+    from processing_dimple import DimpleProcessor
+    folder = sys.argv[1]
+    for processor in (
+        DimpleProcessor.from_pretrained(folder),
+        DimpleProcessor.from_pretrained(folder, trust_remote_code=True),
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True),
+    ):
+        print("LOADED", type(processor).__name__, processor.mask_token_id)
+    """
+)
+
+
+def test_the_processor_loads_with_and_without_trust_remote_code_without_a_question_or_a_log_line(tmp_path):
+    # The class loaded directly used to ask "Do you wish to run the custom code? [y/N]" (AutoTokenizer saw the
+    # folder's remote code) and log two lines about the Dimple config; stdin is closed, so a question fails it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, "-W", "ignore:Dimple was tested:UserWarning", "-c", SILENT_LOAD_SCRIPT]
+    folder = REPO_ROOT / "checkpoints" / "dimple-shapes"
+    run = subprocess.run(
+        [*command, str(folder), str(REPO_ROOT)],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["LOADED DimpleProcessor 429"] * 3  # the shipped small vocabulary
+    assert run.stderr == ""
+
+
 def test_assembling_without_weights_says_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No \\*.safetensors weights"):
