@@ -1,5 +1,9 @@
 """Surviving transformers releases: the version gate, the cache's name, and the released weights on this code."""
 
+import collections
+import functools
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -250,3 +254,80 @@ def test_outputs_match_the_recording_from_the_oldest_supported_release():
     reference = json.loads((REPO_ROOT / "tools" / "reference_outputs.json").read_text())
     assert reference["transformers"] == OLDEST_SUPPORTED
     assert differences(reference, compute()) == []
+
+
+# ------------------------------------------------------------------------------------ overridden hooks
+
+
+def overrides_of_transformers_methods() -> set[str]:
+    """`module.Class.method` of every method a Dimple class defines over a method of a transformers base class."""
+    found = set()
+    for module_name in ("configuration_dimple", "generation_utils", "image_processing_dimple", "modeling_dimple",
+                        "processing_dimple", "training_dimple"):  # fmt: skip
+        module = importlib.import_module(module_name)
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or cls.__module__ != module_name:
+                continue
+            bases = [base for base in cls.__mro__[1:] if base.__module__.startswith("transformers.")]
+            for name, value in vars(cls).items():
+                method = getattr(value, "__func__", value)
+                if inspect.isfunction(method) and not name.startswith("__") and any(name in vars(b) for b in bases):
+                    found.add(f"{module_name}.{cls.__qualname__}.{name}")
+    return found
+
+
+def test_every_override_of_a_transformers_method_is_listed_beside_the_imported_internals():
+    listed = set(transformers_compat.OVERRIDDEN_HOOKS) | set(transformers_compat.OWN_ENTRY_POINTS)
+    assert overrides_of_transformers_methods() == listed
+
+
+def spy_on_hooks(monkeypatch) -> collections.Counter:
+    """Wrap every listed hook so that a call is counted; `functools.wraps` keeps the signature transformers reads."""
+    calls = collections.Counter()
+    for hook in transformers_compat.OVERRIDDEN_HOOKS:
+        module_name, class_name, name = hook.split(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        value = vars(cls)[name]
+        method = getattr(value, "__func__", value)
+
+        def counted(*args, _method=method, _hook=hook, **kwargs):
+            calls[_hook] += 1
+            return _method(*args, **kwargs)
+
+        counted = functools.wraps(method)(counted)
+        monkeypatch.setattr(cls, name, classmethod(counted) if isinstance(value, classmethod) else counted)
+    return calls
+
+
+def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, tmp_path):
+    import numpy as np
+
+    from generation_utils import DimpleGenerationConfig
+    from shapes.task import make_examples, render
+    from tools.reference_outputs import load, prompts
+    from training_dimple import build_trainer, stage_training_arguments
+
+    calls = spy_on_hooks(monkeypatch)
+    model, processor = load()
+    examples = make_examples(seed=1, count=2)
+    inputs = prompts(processor, examples)
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2, use_cache=True)
+    assert out.shape[0] == 4  # each prompt twice, with its own image
+    cached = dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=True)
+    model.diffusion_generate(**inputs, max_new_tokens=16, steps=16, **cached)  # several cached steps
+    frames = np.stack([np.asarray(render(example.scene)) for example in examples])
+    processor(text=["<|vision_start|><|video_pad|><|vision_end|>Hi"], videos=[frames], return_tensors="pt")
+    processor.save_pretrained(tmp_path / "saved")
+    DimpleGenerationConfig.from_model_config(model.config).save_pretrained(tmp_path / "saved")
+    samples = [
+        {"messages": [{"role": "user", "content": "<image>" + e.question}, {"role": "assistant", "content": e.answer}],
+         "images": [render(e.scene)]}
+        for e in examples
+    ]  # fmt: skip
+    args = stage_training_arguments(
+        "diffusion", str(tmp_path / "train"), max_steps=1, per_device_train_batch_size=2, save_strategy="steps",
+        save_steps=1, use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    build_trainer(model, processor, samples, "diffusion", args).train()
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    assert [hook for hook in transformers_compat.OVERRIDDEN_HOOKS if not calls[hook]] == []
