@@ -118,6 +118,16 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_this_rel
     assert transformers_compat.CACHE_NAME in type(first).__dataclass_fields__
 
 
+def test_trainer_evaluation_drops_the_cache_under_the_name_this_release_returns_it():
+    from transformers import Cache
+
+    model = make_tiny_model()
+    with torch.no_grad():
+        output = model(input_ids=torch.arange(3, 12)[None], use_cache=True)
+    caches = {name for name, value in output.items() if isinstance(value, Cache)}
+    assert caches and caches <= set(model.config.keys_to_ignore_at_inference)
+
+
 def test_no_transformers_internal_is_imported_outside_the_compat_module():
     """Every private transformers import is in transformers_compat.py, the list a new release is checked against."""
     offenders = []
