@@ -6,6 +6,10 @@ detection rather than by version number:
 
 - 5.24 renamed the cache from `past_key_values` to `cache`, in model outputs and in forward signatures
   (`CACHE_NAME`, `cache_kwarg`, `output_cache`); `DimpleForConditionalGeneration.forward` accepts both names.
+- 5.25 loads the processor through `_resolve_subprocessors` + `from_dict` instead of `_get_arguments_from_pretrained`
+  (`DimpleProcessor` overrides the public `from_pretrained` instead), depends on `kernels` and loads Hub kernels by
+  default in `from_pretrained`: without the `kernels` package it needs `USE_HUB_KERNELS=NO`
+  (`tools/install_transformers.sh`).
 
 Every transformers name the package imports from outside the top-level namespace is imported here and nowhere else,
 and every transformers method the package overrides is listed here (`OVERRIDDEN_HOOKS`, `OWN_ENTRY_POINTS`), as is
