@@ -8,9 +8,11 @@ vision tower Dimple reuses unchanged.
 # Importing the compat module checks the installed transformers version, before anything else can fail on a release
 # this package does not support (this is the first Dimple module a loader imports).
 try:
-    from .transformers_compat import check_transformers_version  # noqa: F401
-except ImportError:  # imported from the repository root rather than as remote code
-    from transformers_compat import check_transformers_version  # noqa: F401
+    from .transformers_compat import CACHE_NAME
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
+    from transformers_compat import CACHE_NAME
 
 from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig  # noqa: E402
 
@@ -94,7 +96,7 @@ class DimpleConfig(Qwen2_5_VLTextConfig):
 
     model_type = "dimple"
     sub_configs_defaults = {"vision_config": DimpleVisionConfig}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]  # the output's cache field, which Trainer's evaluation drops
     default_theta = 10000.0
 
     vocab_size: int = 151936

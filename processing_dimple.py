@@ -16,12 +16,14 @@ import re
 
 from tokenizers import AddedToken
 
-from transformers import AutoTokenizer, ProcessorMixin, Qwen2Tokenizer
+from transformers import ProcessorMixin, Qwen2Tokenizer
 
 try:
     from .image_processing_dimple import DimpleImageProcessor
     from .transformers_compat import cached_file, get_tokenizer_config
-except ImportError:  # imported as a top-level module (repository root on sys.path) rather than as remote code
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from image_processing_dimple import DimpleImageProcessor
     from transformers_compat import cached_file, get_tokenizer_config
 
@@ -321,26 +323,39 @@ class DimpleProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # The sub-processor classes are fixed, so load them directly instead of through the Auto classes (which
-        # would need `trust_remote_code` for the image processor and fail on the released tokenizer config).
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """
+        Load the processor saved in a folder or Hub repository (`save_pretrained`, the released checkpoint).
+
+        The sub-processor classes are fixed, so they are loaded directly rather than through the Auto classes:
+        `AutoTokenizer` would read the folder's `auto_map` and ask whether to run its remote code (and log
+        warnings about the Dimple config), and it fails on the released tokenizer config. Overriding this public
+        method instead of `ProcessorMixin`'s private loading hooks keeps the processor loading on every supported
+        transformers release (5.25 replaced `_get_arguments_from_pretrained` with `_resolve_subprocessors`).
+        `kwargs` go to both sub-processors as in `ProcessorMixin.from_pretrained`; `chat_template` overrides the
+        saved template.
+        """
+        kwargs.pop("trust_remote_code", None)  # the classes are this module's own: no remote code to trust
+        path = pretrained_model_name_or_path
         subfolder = kwargs.pop("subfolder", "")
-        path = pretrained_model_name_or_path
+        chat_template = kwargs.pop("chat_template", None)
         image_processor = DimpleImageProcessor.from_pretrained(path, subfolder=subfolder, **kwargs)
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", path, subfolder, **kwargs)
-        return [image_processor, tokenizer]
-
-    @classmethod
-    def _load_tokenizer_from_pretrained(cls, sub_processor_type, pretrained_model_name_or_path, subfolder="", **kwargs):
-        path = pretrained_model_name_or_path
+        tokenizer = load_dimple_tokenizer(path, subfolder, **kwargs)
         hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
-        config = get_tokenizer_config(path, subfolder=subfolder, **hub_kwargs)
-        if not _names_released_tokenizer(config):
-            return AutoTokenizer.from_pretrained(path, subfolder=subfolder, **kwargs)
-        files = [cached_file(path, name, subfolder=subfolder, **hub_kwargs) for name in ("vocab.json", "merges.txt")]
-        overrides = {key: config[key] for key in ("model_max_length", "chat_template") if config.get(key)}
-        return build_dimple_tokenizer(*files, **overrides)
+        saved, _ = cls.get_processor_dict(path, subfolder=subfolder, **hub_kwargs)
+        return cls(image_processor, tokenizer, chat_template=chat_template or saved.get("chat_template"))
 
+
+def load_dimple_tokenizer(pretrained_model_name_or_path, subfolder="", **kwargs) -> Qwen2Tokenizer:
+    """Dimple's tokenizer from a folder: its `Qwen2Tokenizer`, or rebuilt from the vocabulary for the released one."""
+    path = pretrained_model_name_or_path
+    hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+    config = get_tokenizer_config(path, subfolder=subfolder, **hub_kwargs)
+    if not _names_released_tokenizer(config):
+        return Qwen2Tokenizer.from_pretrained(path, subfolder=subfolder, **kwargs)
+    files = [cached_file(path, name, subfolder=subfolder, **hub_kwargs) for name in ("vocab.json", "merges.txt")]
+    overrides = {key: config[key] for key in ("model_max_length", "chat_template") if config.get(key)}
+    return build_dimple_tokenizer(*files, **overrides)
 
 def _token_id(tokenizer, token: str) -> int:
     """Id of `token`; a token the vocabulary lacks is an error, not a silent unk."""

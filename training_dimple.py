@@ -61,7 +61,9 @@ logger = logging.get_logger(__name__)
 try:
     from .image_processing_dimple import MAX_ASPECT_RATIO
     from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
-except ImportError:  # imported from the repository root rather than as a package
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from image_processing_dimple import MAX_ASPECT_RATIO
     from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 

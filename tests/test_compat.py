@@ -1,5 +1,9 @@
 """Surviving transformers releases: the version gate, the cache's name, and the released weights on this code."""
 
+import collections
+import functools
+import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -15,7 +19,7 @@ from fixtures_tokenizer import write_released_style_folder
 import transformers_compat
 from generation_utils import RELEASED_CHAT_SETTINGS, DimpleGenerationConfig
 from tools.assemble_checkpoint import REMOTE_CODE_FILES, assemble
-from transformers_compat import NEWEST_TESTED, OLDEST_SUPPORTED, check_transformers_version
+from transformers_compat import NEWEST_TESTED, OLDEST_SUPPORTED, check_transformers_version, next_minor
 
 # ------------------------------------------------------------------------------------------- version gate
 
@@ -33,7 +37,7 @@ def test_supported_versions_pass_silently(version):
         check_transformers_version(version)
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.25.0.dev0", "6.0.0"])
+@pytest.mark.parametrize("version", [f"{next_minor(NEWEST_TESTED)}.0", f"{next_minor(NEWEST_TESTED)}.0.dev0", "6.0.0"])
 def test_newer_than_tested_warns_once_and_still_loads(version):
     with pytest.warns(UserWarning, match="tested with transformers") as record:
         check_transformers_version(version)
@@ -55,6 +59,35 @@ def test_importing_the_package_under_a_too_old_transformers_fails_first_with_the
         """
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"IMPORT-ERROR Dimple needs transformers>={OLDEST_SUPPORTED}, but 5.22.0 is installed" in run.stdout
+
+
+REMOTE_CODE_UNDER_OLD_RELEASE = textwrap.dedent(
+    """
+    import importlib.metadata, sys
+    import transformers
+    real_version = importlib.metadata.version
+    importlib.metadata.version = lambda name: "5.22.0" if name == "transformers" else real_version(name)
+    loader = getattr(transformers, sys.argv[2])
+    try:
+        loader.from_pretrained(sys.argv[1], trust_remote_code=True)
+    except ImportError as error:
+        print("IMPORT-ERROR", error)
+    """
+)
+
+
+@pytest.mark.parametrize("loader", ["AutoConfig", "AutoModel", "AutoProcessor"])
+def test_remote_code_under_a_too_old_transformers_fails_with_the_packages_message(tmp_path, loader):
+    # Loaded as remote code the modules import their siblings relatively; the version check's ImportError must
+    # come through those imports instead of turning into "No module named 'configuration_dimple'".
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    folder = REPO_ROOT / "checkpoints" / "dimple-shapes"
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_UNDER_OLD_RELEASE, str(folder), loader],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,  # no Dimple module on the import path
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"IMPORT-ERROR Dimple needs transformers>={OLDEST_SUPPORTED}, but 5.22.0 is installed" in run.stdout
 
@@ -83,6 +116,16 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_this_rel
             torch.testing.assert_close(rest.logits, expected)
             assert cache.get_seq_length() == 9
     assert transformers_compat.CACHE_NAME in type(first).__dataclass_fields__
+
+
+def test_trainer_evaluation_drops_the_cache_under_the_name_this_release_returns_it():
+    from transformers import Cache
+
+    model = make_tiny_model()
+    with torch.no_grad():
+        output = model(input_ids=torch.arange(3, 12)[None], use_cache=True)
+    caches = {name for name, value in output.items() if isinstance(value, Cache)}
+    assert caches and caches <= set(model.config.keys_to_ignore_at_inference)
 
 
 def test_no_transformers_internal_is_imported_outside_the_compat_module():
@@ -172,6 +215,38 @@ def test_assembled_folder_runs_this_packages_code_on_released_style_weights(tmp_
     assert settings.mask_token_id == make_tiny_config().mask_token_id
 
 
+SILENT_LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoProcessor
+    sys.path.insert(0, sys.argv[2])
+    from processing_dimple import DimpleProcessor
+    folder = sys.argv[1]
+    for processor in (
+        DimpleProcessor.from_pretrained(folder),
+        DimpleProcessor.from_pretrained(folder, trust_remote_code=True),
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True),
+    ):
+        print("LOADED", type(processor).__name__, processor.mask_token_id)
+    """
+)
+
+
+def test_the_processor_loads_with_and_without_trust_remote_code_without_a_question_or_a_log_line(tmp_path):
+    # The class loaded directly used to ask "Do you wish to run the custom code? [y/N]" (AutoTokenizer saw the
+    # folder's remote code) and log two lines about the Dimple config; stdin is closed, so a question fails it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, "-W", "ignore:Dimple was tested:UserWarning", "-c", SILENT_LOAD_SCRIPT]
+    folder = REPO_ROOT / "checkpoints" / "dimple-shapes"
+    run = subprocess.run(
+        [*command, str(folder), str(REPO_ROOT)],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["LOADED DimpleProcessor 429"] * 3  # the shipped small vocabulary
+    assert run.stderr == ""
+
+
 def test_assembling_without_weights_says_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No \\*.safetensors weights"):
@@ -189,3 +264,80 @@ def test_outputs_match_the_recording_from_the_oldest_supported_release():
     reference = json.loads((REPO_ROOT / "tools" / "reference_outputs.json").read_text())
     assert reference["transformers"] == OLDEST_SUPPORTED
     assert differences(reference, compute()) == []
+
+
+# ------------------------------------------------------------------------------------ overridden hooks
+
+
+def overrides_of_transformers_methods() -> set[str]:
+    """`module.Class.method` of every method a Dimple class defines over a method of a transformers base class."""
+    found = set()
+    for module_name in ("configuration_dimple", "generation_utils", "image_processing_dimple", "modeling_dimple",
+                        "processing_dimple", "training_dimple"):  # fmt: skip
+        module = importlib.import_module(module_name)
+        for cls in vars(module).values():
+            if not inspect.isclass(cls) or cls.__module__ != module_name:
+                continue
+            bases = [base for base in cls.__mro__[1:] if base.__module__.startswith("transformers.")]
+            for name, value in vars(cls).items():
+                method = getattr(value, "__func__", value)
+                if inspect.isfunction(method) and not name.startswith("__") and any(name in vars(b) for b in bases):
+                    found.add(f"{module_name}.{cls.__qualname__}.{name}")
+    return found
+
+
+def test_every_override_of_a_transformers_method_is_listed_beside_the_imported_internals():
+    listed = set(transformers_compat.OVERRIDDEN_HOOKS) | set(transformers_compat.OWN_ENTRY_POINTS)
+    assert overrides_of_transformers_methods() == listed
+
+
+def spy_on_hooks(monkeypatch) -> collections.Counter:
+    """Wrap every listed hook so that a call is counted; `functools.wraps` keeps the signature transformers reads."""
+    calls = collections.Counter()
+    for hook in transformers_compat.OVERRIDDEN_HOOKS:
+        module_name, class_name, name = hook.split(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        value = vars(cls)[name]
+        method = getattr(value, "__func__", value)
+
+        def counted(*args, _method=method, _hook=hook, **kwargs):
+            calls[_hook] += 1
+            return _method(*args, **kwargs)
+
+        counted = functools.wraps(method)(counted)
+        monkeypatch.setattr(cls, name, classmethod(counted) if isinstance(value, classmethod) else counted)
+    return calls
+
+
+def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, tmp_path):
+    import numpy as np
+
+    from generation_utils import DimpleGenerationConfig
+    from shapes.task import make_examples, render
+    from tools.reference_outputs import load, prompts
+    from training_dimple import build_trainer, stage_training_arguments
+
+    calls = spy_on_hooks(monkeypatch)
+    model, processor = load()
+    examples = make_examples(seed=1, count=2)
+    inputs = prompts(processor, examples)
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2, use_cache=True)
+    assert out.shape[0] == 4  # each prompt twice, with its own image
+    cached = dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=True)
+    model.diffusion_generate(**inputs, max_new_tokens=16, steps=16, **cached)  # several cached steps
+    frames = np.stack([np.asarray(render(example.scene)) for example in examples])
+    processor(text=["<|vision_start|><|video_pad|><|vision_end|>Hi"], videos=[frames], return_tensors="pt")
+    processor.save_pretrained(tmp_path / "saved")
+    DimpleGenerationConfig.from_model_config(model.config).save_pretrained(tmp_path / "saved")
+    samples = [
+        {"messages": [{"role": "user", "content": "<image>" + e.question}, {"role": "assistant", "content": e.answer}],
+         "images": [render(e.scene)]}
+        for e in examples
+    ]  # fmt: skip
+    args = stage_training_arguments(
+        "diffusion", str(tmp_path / "train"), max_steps=1, per_device_train_batch_size=2, save_strategy="steps",
+        save_steps=1, use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    build_trainer(model, processor, samples, "diffusion", args).train()
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    assert [hook for hook in transformers_compat.OVERRIDDEN_HOOKS if not calls[hook]] == []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TEXT_VOCAB, image_block, left_pad, make_tiny_model, random_pixels
 
-from transformers_compat import BaseModelOutputWithPooling, output_cache
+from transformers_compat import BaseModelOutputWithPooling, cache_kwarg, output_cache
 
 GRID = (1, 4, 6)  # one image: 24 patches, 6 placeholder tokens
 
@@ -39,7 +39,7 @@ def test_multi_turn_chat_reuses_the_first_turns_cache_with_its_image():
     cached_length = cache.get_seq_length()
     assert 0 < cached_length < second_turn.shape[1]
 
-    reused = greedy(model, second_turn, pixel_values=pixels, image_grid_thw=grid, past_key_values=cache)
+    reused = greedy(model, second_turn, pixel_values=pixels, image_grid_thw=grid, **cache_kwarg(cache))
     fresh = greedy(model, second_turn, pixel_values=pixels, image_grid_thw=grid)
     assert torch.equal(reused, fresh)
 
@@ -50,7 +50,7 @@ def test_text_only_generation_continues_from_a_cache():
     first = greedy(model, ids, return_dict_in_generate=True)
     cache = output_cache(first)
     follow_up = torch.cat([first.sequences, torch.tensor([text(60, 3)])], dim=1)
-    assert torch.equal(greedy(model, follow_up, past_key_values=cache), greedy(model, follow_up))
+    assert torch.equal(greedy(model, follow_up, **cache_kwarg(cache)), greedy(model, follow_up))
 
 
 def test_assisted_decoding_with_the_model_as_its_own_assistant_equals_greedy():

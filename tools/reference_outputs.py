@@ -29,8 +29,14 @@ from shapes.task import ATTRIBUTES_TEMPLATE, make_examples, messages, render  # 
 from training_dimple import build_trainer, stage_training_arguments  # noqa: E402
 
 CHECKPOINT = REPO_ROOT / "checkpoints" / "dimple-shapes"
-LOGIT_TOLERANCE = dict(atol=1e-4, rtol=1e-4)  # fp32; the same kernels give identical values, others differ in ulps
-LOSS_TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+# The recording holds one CPU's rounding; other CPU kernels (`ATEN_CPU_CAPABILITY`) round differently. Measured
+# with torch 2.13.0 on the shipped checkpoint, `default` against `avx2` (the recording's): logits up to 7.3e-6
+# apart, the same answers and forward-pass counts, autoregressive losses up to 2.6e-7 (4.1e-5 relative) and
+# diffusion losses up to 2.5e-5 (2.1e-3 relative: three optimizer steps at learning rate 1e-3 carry the rounding
+# into the weights); an AVX-512 machine gave 1.7e-5 on the same loss (issue 22). The tolerances keep a margin of
+# over ten (logits) and four (losses) on those spreads; answers and pass counts are compared exactly.
+LOGIT_TOLERANCE = dict(atol=1e-4, rtol=1e-4)
+LOSS_TOLERANCE = dict(atol=1e-6, rtol=1e-2)
 DECODING = {
     "dim-cache": dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=True),
     "dim-no-cache": dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=False),

@@ -31,7 +31,9 @@ from transformers import DynamicCache, GenerationConfig, GenerationMixin, TopKLo
 
 try:
     from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
-except ImportError:  # imported from the repository root rather than as remote code
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 
 ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")

@@ -18,7 +18,9 @@ from transformers import BatchFeature, Qwen2VLImageProcessorPil
 
 try:
     from .transformers_compat import ImageType, get_image_type, make_batched_videos
-except ImportError:  # imported from the repository root rather than as remote code
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from transformers_compat import ImageType, get_image_type, make_batched_videos
 
 MAX_ASPECT_RATIO = 200

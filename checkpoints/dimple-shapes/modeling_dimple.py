@@ -19,7 +19,9 @@ try:
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
-except ImportError:  # imported from the repository root rather than as remote code
+except ImportError:  # no parent package: imported from the repository root rather than as remote code
+    if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
+        raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
     from generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from transformers_compat import (

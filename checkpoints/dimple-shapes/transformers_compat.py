@@ -6,9 +6,15 @@ detection rather than by version number:
 
 - 5.24 renamed the cache from `past_key_values` to `cache`, in model outputs and in forward signatures
   (`CACHE_NAME`, `cache_kwarg`, `output_cache`); `DimpleForConditionalGeneration.forward` accepts both names.
+- 5.25 loads the processor through `_resolve_subprocessors` + `from_dict` instead of `_get_arguments_from_pretrained`
+  (`DimpleProcessor` overrides the public `from_pretrained` instead), depends on `kernels` and loads Hub kernels by
+  default in `from_pretrained`: without the `kernels` package it needs `USE_HUB_KERNELS=NO`
+  (`tools/install_transformers.sh`).
 
 Every transformers name the package imports from outside the top-level namespace is imported here and nowhere else,
-so this file is also the list of internals a new release can break (README, "transformers versions").
+and every transformers method the package overrides is listed here (`OVERRIDDEN_HOOKS`, `OWN_ENTRY_POINTS`), as is
+the private behaviour it relies on without overriding (`RELIED_ON`): this file is the list of what a new release can
+break (README, "transformers versions").
 """
 
 import warnings
@@ -17,7 +23,7 @@ from importlib.metadata import version as installed_version
 from packaging.version import Version
 
 OLDEST_SUPPORTED = "5.23.0"
-NEWEST_TESTED = "5.24"  # the newest minor release the whole suite has passed on; requirements cap below the next
+NEWEST_TESTED = "5.25"  # the newest minor release the whole suite has passed on; requirements cap below the next
 
 
 def check_transformers_version(installed: str | None = None) -> None:
@@ -58,6 +64,60 @@ from transformers.processing_utils import ProcessorMixin  # noqa: E402
 from transformers.utils import ModelOutput, cached_file  # noqa: E402
 from transformers.video_utils import make_batched_videos  # noqa: E402
 
+# ---------------------------------------------------------------------------------- overridden hooks
+# Methods of transformers classes that Dimple's classes override and that transformers' own code calls. A release
+# that stops calling one drops Dimple's behaviour without an error (5.25 stopped calling
+# `ProcessorMixin._get_arguments_from_pretrained`, which the processor overrode then), so
+# tests/test_compat.py spies on each during a real load, generate, save and training step and fails when one is
+# not called; it also fails when a Dimple class overrides a transformers method missing from these lists.
+OVERRIDDEN_HOOKS = {
+    "modeling_dimple.DimpleForConditionalGeneration._prepare_position_ids_for_generation":
+        "GenerationMixin.generate: the M-RoPE positions of the whole prompt, images included",
+    "modeling_dimple.DimpleForConditionalGeneration.prepare_inputs_for_generation":
+        "GenerationMixin's decoding loop: only the images whose placeholders are not cached yet",
+    "modeling_dimple.DimpleForConditionalGeneration._expand_inputs_for_generation":
+        "GenerationMixin.generate (num_return_sequences): each prompt's own images repeated with it",
+    "modeling_dimple.DimpleForConditionalGeneration.get_input_embeddings": "PreTrainedModel, GenerationMixin",
+    "modeling_dimple.DimpleForConditionalGeneration.get_output_embeddings": "PreTrainedModel (tying, resizing)",
+    "modeling_dimple.DimpleForConditionalGeneration.set_input_embeddings": "PreTrainedModel.resize_token_embeddings",
+    "modeling_dimple.DimpleForConditionalGeneration.set_output_embeddings": "PreTrainedModel.resize_token_embeddings",
+    "generation_utils.DimpleGenerationConfig.from_model_config":
+        "GenerationMixin: the generation config of a model loaded without generation_config.json",
+    "generation_utils.DimpleGenerationConfig.validate": "GenerationConfig.__init__ / update / save_pretrained",
+    "generation_utils.DimpleGenerationConfig.to_diff_dict": "GenerationConfig.save_pretrained (to_json_string)",
+    "generation_utils.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
+    "image_processing_dimple.DimpleImageProcessor.preprocess": "BaseImageProcessor.__call__",
+    "image_processing_dimple.DimpleImageProcessor._preprocess": "Qwen2VLImageProcessorPil.preprocess",
+    "image_processing_dimple.DimpleImageProcessor.process_image": "the PIL backend's preprocess, per image",
+    "image_processing_dimple.DimpleImageProcessor.to_dict": "save_pretrained, ProcessorMixin.to_dict",
+    "processing_dimple.DimpleProcessor.validate_inputs": "ProcessorMixin.__call__",
+    "processing_dimple.DimpleProcessor.replace_image_token": "ProcessorMixin.__call__: one pad per vision token",
+    "processing_dimple.DimpleProcessor.replace_video_token": "ProcessorMixin.__call__: one pad per vision token",
+    "processing_dimple.DimpleProcessor._process_videos": "ProcessorMixin.__call__: videos through the image processor",
+    "training_dimple.DimpleTrainer.compute_loss": "Trainer.training_step",
+    "training_dimple.DimpleTrainer.save_model": "Trainer's checkpointing and the end of training",
+    "training_dimple.CollatorEpochCallback.on_epoch_begin": "Trainer's callback handler",
+}  # fmt: skip
+# Overrides that only users and Dimple's own code call: public API, not a hook a release can stop calling.
+OWN_ENTRY_POINTS = (
+    "modeling_dimple.DimpleForConditionalGeneration.generate",
+    "processing_dimple.DimpleProcessor.from_pretrained",  # public; replaces the private loading hooks 5.25 dropped
+    "processing_dimple.DimpleProcessor.apply_chat_template",
+    "generation_utils.DiffusionTextStreamer.put",  # called by diffusion_generate
+    "generation_utils.DiffusionTextStreamer.end",
+)
+# Private behaviour used without overriding it, and the test that notices when it changes.
+RELIED_ON = {
+    "GenerationMixin.prepare_inputs_for_generation (called through super)":
+        "slices `position_ids` to the uncached tokens; test_generation.py::"
+        "test_generate_with_causal_attention_cache_matches_full_forwards",
+    "GenerationMixin._update_model_kwargs_for_generation":
+        "extends the `[3, B, S]` M-RoPE `position_ids` by one per new token; the same test",
+    "GenerationMixin._expand_inputs_for_generation (called through super)":
+        "repeats the text inputs; test_compat.py::test_transformers_still_calls_every_hook_the_package_overrides",
+    "ProcessorMixin.get_processor_dict": "reads processor_config.json and the chat template; the loading tests",
+}  # fmt: skip
+
 # ------------------------------------------------------------------------------------------- the cache's name
 # <= 5.23: `past_key_values`; >= 5.24: `cache` (the old keyword still works there, with a deprecation warning).
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -82,8 +142,11 @@ __all__ = [
     "CausalLMOutputWithPast",
     "ImageType",
     "ModelOutput",
+    "OVERRIDDEN_HOOKS",
+    "OWN_ENTRY_POINTS",
     "PRETOKENIZE_REGEX",
     "ProcessorMixin",
+    "RELIED_ON",
     "cache_kwarg",
     "cached_file",
     "check_transformers_version",
