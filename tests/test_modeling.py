@@ -75,10 +75,15 @@ def test_invalid_configs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("vocab_size, pad_token_id", [(250, 250), (200, 250), (256, -1)])
-def test_pad_token_outside_the_vocabulary_is_a_config_error(vocab_size, pad_token_id):
-    # The embedding would fail later with a bare AssertionError ("Padding_idx must be within num_embeddings").
-    with pytest.raises(ValueError, match=f"pad_token_id \\({pad_token_id}\\) must be in \\[0, vocab_size = {vocab_size}\\)"):
-        make_tiny_config(vocab_size=vocab_size, pad_token_id=pad_token_id)
+def test_pad_token_outside_the_vocabulary_is_refused_when_a_model_is_built(vocab_size, pad_token_id):
+    # The embedding would fail with a bare AssertionError ("Padding_idx must be within num_embeddings"). The config
+    # alone may hold it: transformers' tests set the pad id of such a config before building a model.
+    config = make_tiny_config(vocab_size=vocab_size, pad_token_id=pad_token_id)
+    message = f"pad_token_id \\({pad_token_id}\\) must be in \\[0, vocab_size = {vocab_size}\\)"
+    with pytest.raises(ValueError, match=message):
+        DimpleForConditionalGeneration(config)
+    config.pad_token_id = 0
+    assert DimpleForConditionalGeneration(config).get_input_embeddings().padding_idx == 0
 
 
 # ------------------------------------------------------------------------------------------ state dict
@@ -401,9 +406,10 @@ def test_non_positive_grids_are_refused_where_positions_are_computed_first(tiny_
     pixels, _ = random_pixels([[1, 4, 4]])
     ids = torch.tensor([[5] + image_block(config, [1, 4, 4]) + [6]])
     grid = torch.tensor(grid)
+    features = torch.zeros(4, 32)
     calls = {
         "get_rope_index": lambda: tiny_model.get_rope_index(ids, grid),
-        "forward_with_features": lambda: tiny_model(input_ids=ids, image_features=torch.zeros(4, 32), image_grid_thw=grid),
+        "forward_with_features": lambda: tiny_model(input_ids=ids, image_features=features, image_grid_thw=grid),
         "generate": lambda: tiny_model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=2),
         "diffusion_generate": lambda: tiny_model.diffusion_generate(
             ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=2, steps=2

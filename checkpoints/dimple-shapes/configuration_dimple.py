@@ -138,16 +138,22 @@ class DimpleConfig(Qwen2_5_VLTextConfig):
                 f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2} "
                 f"(hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} / 2)."
             )
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            # The embedding keeps row `pad_token_id` for padding, so it must be one of the vocab_size rows.
-            raise ValueError(
-                f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size = {self.vocab_size}); raise vocab_size "
-                "to cover the tokenizer (len(tokenizer)) or set pad_token_id to the tokenizer's pad id."
-            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
+            )
+
+    def check_pad_token_in_vocabulary(self) -> None:
+        """The embedding keeps row `pad_token_id` for padding, so it must be one of the `vocab_size` rows.
+
+        Checked when a model is built from the config, not in `__post_init__`: transformers' own tests build configs
+        with a small vocabulary and the default pad id, then set the pad id before building a model.
+        """
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size = {self.vocab_size}); raise vocab_size "
+                "to cover the tokenizer (len(tokenizer)) or set pad_token_id to the tokenizer's pad id."
             )
 
     @property

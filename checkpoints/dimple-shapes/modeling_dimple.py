@@ -123,6 +123,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     _tied_weights_keys = {}
 
     def __init__(self, config: DimpleConfig):
+        config.check_pad_token_in_vocabulary()  # else a bare AssertionError from the embedding
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.img_projector = DimpleImageProjector(config)
