@@ -88,6 +88,43 @@ def test_generate_from_inputs_embeds_continues_like_from_input_ids(with_image):
     assert torch.equal(from_embeds[:, -from_ids.shape[1] :], from_ids)
 
 
+def test_beam_search_from_inputs_embeds_with_an_image_equals_beam_search_from_input_ids():
+    model = make_tiny_model(full_attn_mask=False)
+    ids = torch.tensor([image_prompt(model.config)])
+    visual = dict(zip(("pixel_values", "image_grid_thw"), random_pixels([GRID])))
+    beams = dict(num_beams=2, num_return_sequences=2)
+    from_ids = greedy(model, ids, **visual, **beams)[:, ids.shape[1] :]
+    # No ids at all: the image blocks that beam expansion repeats are found in the embeddings.
+    from_embeds = greedy(model, None, inputs_embeds=model.get_input_embeddings()(ids), **visual, **beams)
+    assert from_ids.shape[0] == 2
+    assert torch.equal(from_embeds[:, -from_ids.shape[1] :], from_ids)
+
+
+# ------------------------------------------------------------------------------------------- placeholders
+
+
+def test_forward_embeds_placeholder_ids_without_pixels_as_text(tiny_model):
+    # transformers' Qwen2.5-VL does the same, and its common tests pad batches with random ids that include them.
+    ids = torch.tensor([image_prompt(tiny_model.config)])
+    with torch.no_grad():
+        from_ids = tiny_model(input_ids=ids).logits
+        as_text = tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids)).logits
+        with_image = tiny_model(input_ids=ids, **dict(zip(("pixel_values", "image_grid_thw"), random_pixels([GRID]))))
+    torch.testing.assert_close(from_ids, as_text)
+    assert not torch.allclose(with_image.logits, from_ids)
+
+
+@pytest.mark.parametrize("entry", ["generate", "diffusion_generate"])
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_user_entry_points_refuse_placeholders_without_pixels(tiny_model, entry, kind):
+    config = tiny_model.config
+    token_id = config.image_token_id if kind == "image" else config.video_token_id
+    ids = torch.tensor([text(1, 3) + [config.vision_start_token_id, token_id, config.vision_end_token_id]])
+    pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
+    with pytest.raises(ValueError, match=f"{kind} placeholder tokens \\(id {token_id}\\) but no `{pixels_name}`"):
+        getattr(tiny_model, entry)(ids, max_new_tokens=2)
+
+
 # ----------------------------------------------------------------------------------- feature extraction
 
 
@@ -106,6 +143,20 @@ def test_get_image_features_returns_per_image_projected_features_and_tower_outpu
     torch.testing.assert_close(precomputed.logits, direct)
 
 
+@pytest.mark.parametrize("getter", ["get_image_features", "get_video_features"])
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_feature_getters_return_a_tuple_without_return_dict(getter, where):
+    model = make_tiny_model(**({"return_dict": False} if where == "config" else {}))
+    pixels, grid = random_pixels([(2, 4, 6)] if getter == "get_video_features" else [GRID])
+    with torch.no_grad():
+        out = getattr(model, getter)(pixels, grid, **({"return_dict": False} if where == "argument" else {}))
+        as_dict = getattr(model, getter)(pixels, grid, return_dict=True)
+    assert isinstance(out, tuple) and isinstance(as_dict, BaseModelOutputWithPooling)
+    last_hidden_state, pooler_output = out[:2]
+    torch.testing.assert_close(last_hidden_state, as_dict.last_hidden_state)
+    torch.testing.assert_close(torch.cat(pooler_output), torch.cat(as_dict.pooler_output))
+
+
 # ------------------------------------------------------------------------------------------ output flags
 
 
@@ -118,6 +169,19 @@ def test_config_output_flags_apply_when_the_call_does_not_set_them():
     layers = model.config.num_hidden_layers
     assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
     assert off.hidden_states is None and off.attentions is None
+
+
+@pytest.mark.parametrize("return_dict", [None, True, False])
+def test_config_return_dict_false_gives_a_tuple_unless_the_call_asks_for_the_output_object(return_dict):
+    # The decoder shares the config: its own output must not turn into a tuple too.
+    model = make_tiny_model(return_dict=False)
+    ids = torch.tensor([text(5, 6)])
+    with torch.no_grad():
+        out = model(input_ids=ids, return_dict=return_dict)
+        reference = make_tiny_model()(input_ids=ids).logits
+    logits = out.logits if return_dict else out[0]
+    assert isinstance(out, tuple) != bool(return_dict)
+    torch.testing.assert_close(logits, reference)
 
 
 # ------------------------------------------------------------------------------------- packed sequences

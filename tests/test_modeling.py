@@ -74,6 +74,18 @@ def test_invalid_configs_raise_clear_errors():
         make_tiny_config(num_key_value_heads=3)
 
 
+@pytest.mark.parametrize("vocab_size, pad_token_id", [(250, 250), (200, 250), (256, -1)])
+def test_pad_token_outside_the_vocabulary_is_refused_when_a_model_is_built(vocab_size, pad_token_id):
+    # The embedding would fail with a bare AssertionError ("Padding_idx must be within num_embeddings"). The config
+    # alone may hold it: transformers' tests set the pad id of such a config before building a model.
+    config = make_tiny_config(vocab_size=vocab_size, pad_token_id=pad_token_id)
+    message = f"pad_token_id \\({pad_token_id}\\) must be in \\[0, vocab_size = {vocab_size}\\)"
+    with pytest.raises(ValueError, match=message):
+        DimpleForConditionalGeneration(config)
+    config.pad_token_id = 0
+    assert DimpleForConditionalGeneration(config).get_input_embeddings().padding_idx == 0
+
+
 # ------------------------------------------------------------------------------------------ state dict
 
 
@@ -341,7 +353,6 @@ def test_bad_inputs_raise_clear_errors(tiny_model):
         (dict(input_ids=torch.tensor([[5, 300, 6]])), ValueError, "token id 300, outside the model's vocabulary"),
         (dict(input_ids=torch.tensor([[5, -1, 6]])), ValueError, "token id -1"),
         (dict(input_ids=torch.tensor([[5.0, 6.0]])), TypeError, "integer token ids"),
-        (dict(pixel_values=None, image_grid_thw=None), ValueError, "no `pixel_values` was given"),
         (dict(image_grid_thw=torch.tensor([[0, 4, 4]])), ValueError, "positive"),
         (dict(image_grid_thw=torch.tensor([[1, -4, -4]])), ValueError, "positive"),
         (dict(image_grid_thw=torch.tensor([[1.0, 4.0, 4.0]])), TypeError, "integer torch.Tensor"),
@@ -367,6 +378,45 @@ def test_malformed_model_inputs_raise_before_any_work(tiny_model, change, error,
         hook.remove()
     if "image_grid_thw" in change or "pixel_values" in change:
         assert calls == []  # checked before the vision tower runs
+
+
+@pytest.mark.parametrize("mask", [[1, 2, 1, 1], [1, 0.5, 1, 1], [-1, 1, 1, 1]], ids=["two", "half", "minus-one"])
+@pytest.mark.parametrize("entry", ["forward", "generate", "diffusion_generate"])
+def test_attention_mask_values_other_than_0_and_1_are_refused(tiny_model, entry, mask):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    call = tiny_model if entry == "forward" else getattr(tiny_model, entry)
+    options = {} if entry == "forward" else dict(max_new_tokens=2)
+    with pytest.raises(ValueError, match="`attention_mask` must hold only 1 \\(real token\\) and 0 \\(padding\\)"):
+        call(input_ids=ids, attention_mask=torch.tensor([mask]), **options)
+
+
+def test_boolean_and_float_0_1_attention_masks_are_accepted(tiny_model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        reference = tiny_model(input_ids=ids[:, 1:]).logits[:, -1]
+        for mask in (torch.tensor([[False, True, True, True]]), torch.tensor([[0.0, 1.0, 1.0, 1.0]])):
+            torch.testing.assert_close(tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1], reference)
+
+
+@pytest.mark.parametrize("grid", [[[0, 4, 4]], [[1, -4, -4]], [[1, 0, 4]]], ids=["zero-t", "negative", "zero-h"])
+@pytest.mark.parametrize("entry", ["get_rope_index", "forward_with_features", "generate", "diffusion_generate"])
+def test_non_positive_grids_are_refused_where_positions_are_computed_first(tiny_model, entry, grid):
+    # These paths reach `get_rope_index` before the vision tower checks the grid.
+    config = tiny_model.config
+    pixels, _ = random_pixels([[1, 4, 4]])
+    ids = torch.tensor([[5] + image_block(config, [1, 4, 4]) + [6]])
+    grid = torch.tensor(grid)
+    features = torch.zeros(4, 32)
+    calls = {
+        "get_rope_index": lambda: tiny_model.get_rope_index(ids, grid),
+        "forward_with_features": lambda: tiny_model(input_ids=ids, image_features=features, image_grid_thw=grid),
+        "generate": lambda: tiny_model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=2),
+        "diffusion_generate": lambda: tiny_model.diffusion_generate(
+            ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=2, steps=2
+        ),
+    }
+    with pytest.raises(ValueError, match="`image_grid_thw` must be \\[images, 3\\] rows of positive"):
+        calls[entry]()
 
 
 # ----------------------------------------------------------------------------------- save and reload

@@ -166,6 +166,24 @@ def test_video_frames_form_temporal_patches():
     assert "pixel_values" not in out
 
 
+@pytest.mark.parametrize(
+    "videos, message",
+    [
+        ([], "`videos` holds no frames"),
+        ([[]], "`videos\\[0\\]` holds no frames"),
+        (np.zeros((0, 56, 56, 3), np.uint8), "`videos` holds no frames"),
+        ([[random_image(56, 56)] * 2, np.zeros((0, 56, 56, 3), np.uint8)], "`videos\\[1\\]` holds no frames"),
+    ],
+    ids=["empty-list", "empty-video", "empty-array", "second-video-empty"],
+)
+def test_videos_without_frames_raise(processor, videos, message):
+    with pytest.raises(ValueError, match=message):
+        DimpleImageProcessor()(videos=videos)
+    count = 2 if isinstance(videos, list) and len(videos) == 2 else 1
+    with pytest.raises(ValueError, match=message):  # the processor checks before transformers batches the videos
+        processor(text=["<|vision_start|><|video_pad|><|vision_end|>" * count], videos=videos)
+
+
 def test_images_and_videos_in_one_call_are_both_returned():
     image, frame = random_image(56, 84, seed=3), random_image(61, 100, seed=4)
     processor = DimpleImageProcessor()
@@ -325,6 +343,10 @@ def test_bad_chat_content_raises(processor, content, message):
         ([{"role": "user", "content": 42}], TypeError, "must be a string or a list of parts"),
         ([{"role": "user", "content": None}], TypeError, "must be a string or a list of parts"),
         ([{"role": "user", "content": [{"type": "video", "video": []}]}], ValueError, "holds no frames"),
+        # The Qwen2-VL template renders any role verbatim and has no tool format (Qwen2.5's text template has one).
+        ([{"role": "tool", "content": "42"}], ValueError, "Unknown chat role 'tool'; use one of 'system', 'user'"),
+        ([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}], ValueError, "chat role 'bot'"),
+        ([{"role": "User", "content": "Hi"}], ValueError, "chat role 'User'"),
     ],
 )
 def test_malformed_conversations_raise(processor, conversation, error, message):

@@ -146,6 +146,18 @@ class DimpleConfig(Qwen2_5_VLTextConfig):
                 f"({self.num_key_value_heads})."
             )
 
+    def check_pad_token_in_vocabulary(self) -> None:
+        """The embedding keeps row `pad_token_id` for padding, so it must be one of the `vocab_size` rows.
+
+        Checked when a model is built from the config, not in `__post_init__`: transformers' own tests build configs
+        with a small vocabulary and the default pad id, then set the pad id before building a model.
+        """
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size = {self.vocab_size}); raise vocab_size "
+                "to cover the tokenizer (len(tokenizer)) or set pad_token_id to the tokenizer's pad id."
+            )
+
     @property
     def text_config(self):
         # Generation utilities (`DynamicCache(config=...)`) look for the decoder's config here.

@@ -812,6 +812,7 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         config, visual = self._diffusion_settings(generation_config, kwargs)
+        self.check_prompt_inputs(input_ids, attention_mask, visual)
         batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)

@@ -81,12 +81,25 @@ class DimpleImageProcessor(Qwen2VLImageProcessorPil):
                 "`videos` must hold decoded frames (a list of images or a [T, H, W, C] array per video), not paths; "
                 "decode the file first, e.g. with `transformers.video_utils.load_video`."
             )
+        self.check_video_frames(videos)
         videos = make_batched_videos(videos)
         frames = [frame for video in videos for frame in video]
         # The frames run through the parent's pipeline; `_preprocess` regroups them per video.
         video_lengths = [len(video) for video in videos]
         out = super().preprocess(frames, image_like_kwargs={"video_lengths": video_lengths}, **kwargs)
         return {"pixel_values_videos": out["pixel_values"], "video_grid_thw": out["image_grid_thw"]}
+
+    @staticmethod
+    def check_video_frames(videos) -> None:
+        """Every video needs a frame: `make_batched_videos` fails on an empty one with a bare IndexError."""
+        if _frame_count(videos) == 0:
+            raise ValueError("`videos` holds no frames; pass a list of frames or a [T, H, W, C] array with T >= 1.")
+        if isinstance(videos, (list, tuple)):
+            for index, video in enumerate(videos):
+                if _frame_count(video) == 0:
+                    raise ValueError(
+                        f"`videos[{index}]` holds no frames; every video needs at least one frame (drop the empty one)."
+                    )
 
     def process_image(self, image, *args, patch_size=None, merge_size=None, **kwargs) -> np.ndarray:
         _check_not_empty(image)
@@ -163,6 +176,13 @@ def _translate_released_size(kwargs: dict) -> dict:
 
 def _as_list(videos) -> list:
     return list(videos) if isinstance(videos, (list, tuple)) else [videos]
+
+
+def _frame_count(video) -> int | None:
+    """Frames in a video (a list of frames or a 4-D array); None for anything else (a single frame)."""
+    if isinstance(video, (list, tuple)):
+        return len(video)
+    return video.shape[0] if getattr(video, "ndim", None) == 4 else None
 
 
 def _check_not_empty(image) -> None:

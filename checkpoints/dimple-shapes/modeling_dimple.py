@@ -125,6 +125,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     _tied_weights_keys = {}
 
     def __init__(self, config: DimpleConfig):
+        config.check_pad_token_in_vocabulary()  # else a bare AssertionError from the embedding
         super().__init__(config)
         self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(config.vision_config)
         self.img_projector = DimpleImageProjector(config)
@@ -147,26 +148,33 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
 
     # ----------------------------------------------------------------------------------------------- vision
 
-    def _encode_visual(self, pixel_values, grid_thw, name: str, **kwargs) -> BaseModelOutputWithPooling:
+    def _encode_visual(
+        self, pixel_values, grid_thw, name: str, return_dict: bool | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
         grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
         check_visual_inputs(pixel_values, grid_thw, name, grid_name, self.config.vision_config)
         pixel_values = pixel_values.to(self.visual.dtype)
-        vision = self.visual(pixel_values, grid_thw=grid_thw, **kwargs)
+        vision = self.visual(pixel_values, grid_thw=grid_thw, return_dict=True, **kwargs)
         features = self.img_projector(vision.pooler_output.to(self.lm_head.weight.dtype))
         sizes = (grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
         vision.pooler_output = torch.split(features, sizes)
-        return vision
+        return vision if self._returns_dict(return_dict) else vision.to_tuple()
 
-    def get_image_features(self, pixel_values, image_grid_thw, **kwargs) -> BaseModelOutputWithPooling:
+    def _returns_dict(self, return_dict: bool | None) -> bool:
+        """The argument when given, else `config.return_dict` (transformers' rule for every output)."""
+        return return_dict if return_dict is not None else self.config.return_dict
+
+    def get_image_features(self, pixel_values, image_grid_thw, **kwargs) -> BaseModelOutputWithPooling | tuple:
         """Vision tower + projector, as transformers' Qwen2.5-VL returns them.
 
         `pooler_output` is a tuple with one `[t*h*w/4, hidden_size]` tensor of projected features per image (in
         `<|image_pad|>` order); `last_hidden_state` (and `hidden_states` / `attentions` when requested through
-        `output_hidden_states` / `output_attentions`) are the vision tower's.
+        `output_hidden_states` / `output_attentions`) are the vision tower's. With `return_dict=False` (argument, or
+        else `config.return_dict`) the same fields come as a tuple.
         """
         return self._encode_visual(pixel_values, image_grid_thw, "pixel_values", **kwargs)
 
-    def get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs) -> BaseModelOutputWithPooling:
+    def get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs) -> BaseModelOutputWithPooling | tuple:
         """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
         return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
 
@@ -179,6 +187,28 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         """Pixels and grids come in pairs (a grid alone would give M-RoPE positions to an image never encoded)."""
         for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             check_vision_pair(pixels, visual.get(pixels), grid, visual.get(grid))
+
+    def check_prompt_inputs(self, input_ids, attention_mask, visual: dict) -> None:
+        """The checks of a user's prompt, made once where it comes in (`generate`, `diffusion_generate`).
+
+        `forward` embeds placeholder ids without pixels as text, as transformers' Qwen2.5-VL does; a prompt built
+        by the processor never has them without its pixels, so here they mean the images were forgotten.
+        """
+        check_attention_mask_values(attention_mask)
+        if visual.get("inputs_embeds") is not None:
+            return  # the model reads these embeddings, not the ids' (which need no pixels then)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
+            return  # embeddings, or a wrong type that the entry point itself reports
+        for pixels_name, grid_name, features_name, token_id, name in (
+            ("pixel_values", "image_grid_thw", "image_features", self.config.image_token_id, "image"),
+            ("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id, "video"),
+        ):
+            given = any(visual.get(key) is not None for key in (pixels_name, grid_name, features_name))
+            if not given and bool((input_ids == token_id).any()):
+                raise ValueError(
+                    f"The prompt holds {name} placeholder tokens (id {token_id}) but no `{pixels_name}` was given; "
+                    f"pass the processor's `{pixels_name}` and `{grid_name}` with the prompt."
+                )
 
     def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
         """Where `inputs_embeds` holds the embeddings of the vision special tokens: their ids there, -1 elsewhere.
@@ -232,10 +262,14 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             return positions[None].expand(3, -1, -1).clone(), deltas
 
         merge = self.config.vision_config.spatial_merge_size
-        grids = {
-            self.config.image_token_id: iter(image_grid_thw if image_grid_thw is not None else []),
-            self.config.video_token_id: iter(video_grid_thw if video_grid_thw is not None else []),
-        }
+        grids = {}  # placeholders of a kind without a grid are text, as in `forward`
+        for token_id, grid, grid_name in (
+            (self.config.image_token_id, image_grid_thw, "image_grid_thw"),
+            (self.config.video_token_id, video_grid_thw, "video_grid_thw"),
+        ):
+            if grid is not None:
+                check_grid(grid, grid_name, merge, still_images=token_id == self.config.image_token_id)
+                grids[token_id] = iter(grid)
         positions = torch.ones(3, batch, length, dtype=torch.long, device=device)
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
         for b in range(batch):
@@ -283,6 +317,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 f"`attention_mask` must be 2-D [batch, keys] of 0/1 or a 4-D mask, got shape "
                 f"{tuple(attention_mask.shape)}."
             )
+        if not torch.compiler.is_compiling():
+            check_attention_mask_values(attention_mask)
         if attention_mask.shape != (batch, past_length + length):
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected ({batch}, {past_length + length}):"
@@ -333,20 +369,10 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         ):  # fmt: skip
             features = visual[features_name]
             if visual[pixels_name] is not None and features is None:
-                features = torch.cat(encode(visual[pixels_name], visual[grid_name]).pooler_output)
+                features = torch.cat(encode(visual[pixels_name], visual[grid_name], return_dict=True).pooler_output)
             if features is not None:
                 inputs_embeds = self.merge_visual_features(inputs_embeds, placeholders, features, token_id, name)
-            elif visual[grid_name] is None and placeholders is not None and self._holds(placeholders, token_id):
-                # (A grid without pixels is the generation loop's doing: it keeps images from an assistant model.)
-                raise ValueError(
-                    f"The prompt holds {name} placeholder tokens (id {token_id}) but no `{pixels_name}` was given; "
-                    f"pass the processor's `{pixels_name}` and `{grid_name}` with the prompt."
-                )
         return inputs_embeds, placeholders
-
-    @staticmethod
-    def _holds(ids: torch.Tensor, token_id: int) -> bool:
-        return not torch.compiler.is_compiling() and bool((ids == token_id).any())
 
     def forward(
         self,
@@ -430,6 +456,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             attention_mask={"full_attention": mask},
             position_ids=position_ids,
             use_cache=use_cache,
+            return_dict=True,  # the decoder shares this config: `config.return_dict=False` would give it a tuple
             **{name: value for name, value in flags.items() if value is not None},
             **cache_kwarg(cache),
             **kwargs,
@@ -453,7 +480,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             attentions=decoder_out.attentions,
             rope_deltas=rope_deltas,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if self._returns_dict(return_dict) else output.to_tuple()
 
     def _default_positions(
         self, placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
@@ -511,6 +538,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
         if misplaced:
             raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
         return super().generate(inputs, generation_config, **kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
@@ -565,14 +594,17 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """Repeat each prompt's own images with it (the stock version would interleave single patch rows)."""
         visual = {}
-        if expand_size > 1 and input_ids is not None:
+        placeholders = input_ids
+        if (input_ids is None or input_ids.shape[1] == 0) and model_kwargs.get("inputs_embeds") is not None:
+            placeholders = self.placeholder_ids(model_kwargs["inputs_embeds"])  # prompt given as embeddings only
+        if expand_size > 1 and placeholders is not None:
             for pixels, grid, token_id in (
                 ("pixel_values", "image_grid_thw", self.config.image_token_id),
                 ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
             ):
                 if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
                     visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
-                        input_ids, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
+                        placeholders, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
                     )
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
@@ -628,16 +660,7 @@ def check_visual_inputs(pixel_values, grid_thw, name: str, grid_name: str, visio
             f"`{name}` must be a float torch.Tensor (the processor's `return_tensors='pt'`), got "
             f"{type(pixel_values).__name__}{'' if not isinstance(pixel_values, torch.Tensor) else f' {pixel_values.dtype}'}."
         )
-    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
-        raise TypeError(f"`{grid_name}` must be an integer torch.Tensor of (t, h, w) rows, got {grid_thw!r}.")
-    merge = vision_config.spatial_merge_size
-    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw < 1).any() or (grid_thw[:, 1:] % merge).any():
-        raise ValueError(
-            f"`{grid_name}` must be [images, 3] rows of positive (t, h, w) patch counts with h and w multiples of "
-            f"{merge}; got {grid_thw.tolist()}. Pass the grid the processor returned with these pixels."
-        )
-    if name == "pixel_values" and (grid_thw[:, 0] != 1).any():
-        raise ValueError(f"`{grid_name}` rows of still images have t = 1; got {grid_thw.tolist()}.")
+    check_grid(grid_thw, grid_name, vision_config.spatial_merge_size, still_images=name == "pixel_values")
     width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
     patches = int(grid_thw.prod(-1).sum())
     if pixel_values.shape != (patches, width):
@@ -648,6 +671,34 @@ def check_visual_inputs(pixel_values, grid_thw, name: str, grid_name: str, visio
         )
     if not bool(torch.isfinite(pixel_values).all()):
         raise ValueError(f"`{name}` holds NaN or infinite values; check the image loading and normalisation.")
+
+
+def check_grid(grid_thw, grid_name: str, merge: int, still_images: bool) -> None:
+    """A grid must be integer (t, h, w) rows of positive patch counts, h and w whole merge blocks, t = 1 for images."""
+    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
+        raise TypeError(f"`{grid_name}` must be an integer torch.Tensor of (t, h, w) rows, got {grid_thw!r}.")
+    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw < 1).any() or (grid_thw[:, 1:] % merge).any():
+        raise ValueError(
+            f"`{grid_name}` must be [images, 3] rows of positive (t, h, w) patch counts with h and w multiples of "
+            f"{merge}; got {grid_thw.tolist()}. Pass the grid the processor returned with these pixels."
+        )
+    if still_images and (grid_thw[:, 0] != 1).any():
+        raise ValueError(f"`{grid_name}` rows of still images have t = 1; got {grid_thw.tolist()}.")
+
+
+def check_attention_mask_values(attention_mask) -> None:
+    """A 2-D mask marks tokens 1 (real) or 0 (padding); other values would be read as "real" and change the answer.
+
+    4-D masks are used as given (additive float masks hold other values by design).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or attention_mask.dtype == torch.bool:
+        return
+    stray = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+    if stray.numel():
+        raise ValueError(
+            f"`attention_mask` must hold only 1 (real token) and 0 (padding); got {sorted(set(stray.tolist()))[:5]}. "
+            "Pass the mask the processor or tokenizer returned."
+        )
 
 
 # The released checkpoint's config.json names `modeling_dimple.DimpleModel` in its auto_map.

@@ -97,6 +97,9 @@ DIMPLE_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The roles the model was trained on: the Qwen2-VL template renders any role verbatim, unlike Qwen2.5's text
+# template, which turns a "tool" message into a user turn wrapped in <tool_response>.
+CHAT_ROLES = ("system", "user", "assistant")
 # A sanity bound on `<|mask|>*N` (the released model's context is 131,072 positions); the model checks its own.
 MAX_TEMPLATE_SLOTS = 131_072
 # In the order the chat template tests them when a part has no "type".
@@ -202,6 +205,8 @@ class DimpleProcessor(ProcessorMixin):
         return processed, replacements
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if videos is not None:
+            self.image_processor.check_video_frames(videos)  # before transformers batches them (IndexError)
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
         if text is None or not _is_per_prompt(images, len(text)):
             return
@@ -400,6 +405,11 @@ def _typed_messages(messages):
     for message in messages:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"Each chat message must be a dict with 'role' and 'content' keys, got {message!r}.")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(
+                f"Unknown chat role {message['role']!r}; use one of {', '.join(map(repr, CHAT_ROLES))}. The Qwen2-VL "
+                "template has no tool-call format: give a tool's result to the model in a 'user' message."
+            )
         content = message["content"]
         if isinstance(content, (list, tuple)):
             message = {**message, "content": [_typed_part(part) for part in content]}
