@@ -74,7 +74,8 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(process
     assert [epoch for epoch, _ in one_losses] == [epoch for epoch, _ in two_losses] == [0.5, 1.0]
     assert [loss for _, loss in two_losses] == pytest.approx([loss for _, loss in one_losses], rel=1e-5)
     initial = load_file(base / "model.safetensors")
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert any(not torch.equal(one[name], initial[name]) for name in one)
     for name, weight in one.items():
         torch.testing.assert_close(two[name], weight, atol=1e-6, rtol=1e-5, msg=name)
