@@ -404,7 +404,7 @@ def read_data_file(path) -> tuple[list, list[str]]:
                 f"{path}: expected a JSON list of samples, got a {type(samples).__name__}; put the samples in a list "
                 "(or use .jsonl with one sample per line)."
             )
-        locations = [f"{path}, sample {index}" for index in range(len(samples))]
+        locations = [str(path)] * len(samples)  # messages name the sample's index after the file
     if not samples:
         raise ValueError(f"{path} holds no samples; it needs at least one (see `parse_sample` for the layout).")
     return samples, locations
@@ -415,7 +415,7 @@ def load_samples(path) -> list[dict]:
     return read_data_file(path)[0]
 
 
-def load_dataset(data, image_folder=None) -> "ChatDataset":
+def load_training_data(data, image_folder=None) -> "ChatDataset":
     """A checked `ChatDataset` from a `.json` / `.jsonl` path or a list of samples (`validate_samples`, images
     included); other datasets (possibly lazy, with decoded images) are wrapped as they are and checked per batch."""
     if isinstance(data, ChatDataset):
@@ -912,7 +912,7 @@ def build_trainer(
         processor: its `DimpleProcessor`.
         train_dataset: a list of chat samples, a path to a `.json` / `.jsonl` file, or any map-style dataset of
             samples (see `parse_sample` for the layout). Lists and files are validated up front, images included
-            (`load_dataset`); a `ChatDataset` from `load_dataset` is taken as already checked.
+            (`load_training_data`); a `ChatDataset` from `load_training_data` is taken as already checked.
         stage: `"align"`, `"ar"` or `"diffusion"`: sets the objective, the attention mode and which modules train.
         args: `TrainingArguments`; defaults to `stage_training_arguments(stage, "outputs/<stage>")`.
         lora: a PEFT `LoraConfig` (see `lora_config`) to train adapters instead of full weights.
@@ -933,8 +933,8 @@ def build_trainer(
         processor, objective=get_stage(stage).objective, **{"seed": args.seed, **collator_options}
     )
     image_folder = collator_options.get("image_folder")
-    train_dataset = load_dataset(train_dataset, image_folder)
-    eval_dataset = load_dataset(eval_dataset, image_folder) if eval_dataset is not None else None
+    train_dataset = load_training_data(train_dataset, image_folder)
+    eval_dataset = load_training_data(eval_dataset, image_folder) if eval_dataset is not None else None
     input_mask = model.config.full_attn_mask
     saved_mask = output_full_attn_mask(stage, output_attention, input_mask)
     logger.warning(
@@ -1096,8 +1096,8 @@ __all__ = [
     "diffusion_mask",
     "end_distributed_run",
     "get_stage",
-    "load_dataset",
     "load_samples",
+    "load_training_data",
     "lora_config",
     "parse_sample",
     "pre_resize",

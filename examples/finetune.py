@@ -76,7 +76,7 @@ from training_dimple import (  # noqa: E402
     STAGES,
     build_trainer,
     end_distributed_run,
-    load_dataset,
+    load_training_data,
     lora_config,
     save_final_model,
     stage_training_arguments,
@@ -215,7 +215,7 @@ def main(argv=None):
     check_stage_options(args)
     lora = lora_config(args.stage, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
     # Every sample parsed and every image opened before the (possibly large) model loads.
-    dataset = load_dataset(args.data, args.image_folder)
+    dataset = load_training_data(args.data, args.image_folder)
     processor = AutoProcessor.from_pretrained(args.processor or args.model, trust_remote_code=True)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
     training_args = stage_training_arguments(args.stage, args.output_dir, **training_overrides(args))
