@@ -972,7 +972,7 @@ def save_final_model(
     """
     output_dir = output_dir or os.path.join(trainer.args.output_dir, "final")
     base_model = base_model or resolvable_reference(getattr(unwrapped_model(trainer), "name_or_path", None))
-    facts = training_facts(trainer)
+    facts = {"base model": base_model, **training_facts(trainer)} if base_model else training_facts(trainer)
     if callable(getattr(trainer.model, "merge_and_unload", None)):  # a PEFT (LoRA) model
         adapter_dir = adapter_dir or os.path.join(trainer.args.output_dir, "lora_adapter")
         trainer.save_model(adapter_dir)
@@ -991,8 +991,8 @@ def save_final_model(
         _set_output_attention(trainer, trainer.model)
         trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
-        remove_machine_local_keys(output_dir)
-        write_model_card(output_dir, kind="finetuned", base_model=base_model, training=facts)
+        _make_pushable(output_dir)
+        write_model_card(output_dir, kind="finetuned", base_model=hub_id(base_model), training=facts)
     # Other ranks must not exit (and tear down their connections) while rank 0 still writes.
     trainer.accelerator.wait_for_everyone()
     return output_dir
@@ -1018,9 +1018,22 @@ def resolvable_reference(name_or_path) -> str | None:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
 
 
+def hub_id(reference) -> str | None:
+    """The reference when it names a Hub model; None for a local folder, which the card's `base_model` metadata
+    (a Hub link) cannot hold (the training table still names it)."""
+    return None if reference is None or Path(reference).is_dir() else reference
+
+
 def unwrapped_model(trainer):
     model = trainer.model
     return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def _make_pushable(folder) -> None:
+    """No machine-local keys, and no pickled `TrainingArguments` (the Trainer's `training_args.bin`, which holds
+    this machine's paths; the model card states the training facts instead)."""
+    remove_machine_local_keys(folder)
+    Path(folder, "training_args.bin").unlink(missing_ok=True)
 
 
 def _set_output_attention(trainer, model) -> None:
@@ -1041,7 +1054,7 @@ def _finish_adapter_folder(trainer, adapter_dir, base_model, facts) -> None:
     config = copy.copy(trainer.model.peft_config["default"])
     config.base_model_name_or_path = base_model
     config.save_pretrained(adapter_dir, auto_mapping_dict=ADAPTER_AUTO_MAPPING)
-    remove_machine_local_keys(adapter_dir)
+    _make_pushable(adapter_dir)
     # The adapter carries no config: on its base it decodes with the base's attention.
     base_mask, saved = getattr(trainer, "input_full_attn_mask", None), getattr(trainer, "output_full_attn_mask", None)
     if base_mask is not None:
@@ -1051,7 +1064,7 @@ def _finish_adapter_folder(trainer, adapter_dir, base_model, facts) -> None:
                 f"The adapter loaded on its base decodes with the base's {attention_name(base_mask)} attention; the "
                 f"merged folder decodes with {attention_name(saved)} attention."
             )
-    write_model_card(adapter_dir, kind="adapter", base_model=base_model, training=facts)
+    write_model_card(adapter_dir, kind="adapter", base_model=hub_id(base_model), training=facts)
 
 
 def training_facts(trainer) -> dict:

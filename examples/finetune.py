@@ -12,13 +12,13 @@ between them, is the layout the chat template gives inference prompts and the on
 trained on (`shapes/train.py`). Every file is parsed and every image opened before the model loads: a malformed
 line, a missing or corrupt image or an empty file stops the run at once, naming the file, line and sample.
 
-Stages (each starts from the previous stage's output):
+Stages (each starts from the previous stage's final model):
 
     python examples/finetune.py --model PATH --data align.jsonl --image_folder images \\
         --stage align --output_dir out/align
-    python examples/finetune.py --model out/align --data sft.jsonl --image_folder images \\
+    python examples/finetune.py --model out/align/final --data sft.jsonl --image_folder images \\
         --stage ar --output_dir out/ar
-    python examples/finetune.py --model out/ar --data sft.jsonl --image_folder images \\
+    python examples/finetune.py --model out/ar/final --data sft.jsonl --image_folder images \\
         --stage diffusion --mask_strategy dual --output_dir out/diffusion
 
 `align` trains the projector, `ar` the LM + lm_head + projector (both causal, next-token loss), `diffusion` the

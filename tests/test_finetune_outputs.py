@@ -19,7 +19,9 @@ from transformers import AutoModel
 from training_dimple import (
     LORA_LEARNING_RATE,
     DimpleDataCollator,
+    hub_id,
     remove_machine_local_keys,
+    resolvable_reference,
     stage_training_arguments,
 )
 
@@ -179,13 +181,13 @@ def test_output_folder_is_ready_to_push_and_resume_true_takes_the_last_checkpoin
 
     final = out / "final"
     assert sorted(path.name for path in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "final"]
-    assert not any(path.name.startswith("checkpoint") or path.name == "optimizer.pt" for path in final.rglob("*"))
+    assert not any(path.name.startswith("checkpoint") or path.suffix in (".pt", ".bin") for path in final.rglob("*"))
     for folder in (final, out / "checkpoint-2"):
         for path in folder.glob("*.json"):
             assert "local_files_only" not in path.read_text(), path
     card = (final / "README.md").read_text()
     assert "license: apache-2.0" in card and "library_name: transformers" in card
-    assert f"base_model: {base}" in card
+    assert f"| base model | {base} |" in card and "base_model:" not in card  # a local folder is no Hub link
     for fact in ("| stage | ar |", "| decodes with | causal attention (full_attn_mask=False) |",
                  "| training samples | 8 |", "| optimizer steps | 2 |", "| learning rate | 0.01 |"):  # fmt: skip
         assert fact in card, fact
@@ -207,6 +209,16 @@ def test_remove_machine_local_keys_keeps_everything_else(tmp_path):
     remove_machine_local_keys(tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"a": 1}
     assert (tmp_path / "config.json").stat().st_mtime_ns == before
+
+
+def test_base_model_reference_resolves_from_anywhere(tmp_path, monkeypatch):
+    (tmp_path / "org" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolvable_reference("org/base") == str(tmp_path / "org" / "base")  # a local folder: made absolute
+    assert resolvable_reference("org/model") == "org/model"  # no such folder: a Hub id, as given
+    assert resolvable_reference("") is None
+    # The card's base_model metadata links to the Hub: only Hub ids go there.
+    assert (hub_id(str(tmp_path / "org" / "base")), hub_id("org/model")) == (None, "org/model")
 
 
 @pytest.mark.parametrize(
@@ -262,8 +274,9 @@ def test_lora_adapter_loads_on_its_own_from_another_folder_and_matches_the_merge
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(work / "base")
     assert config["auto_mapping"] == {"base_model_class": "AutoModel", "parent_library": "transformers"}
+    assert not (adapter / "training_args.bin").exists()
     card = (adapter / "README.md").read_text()
-    assert "library_name: peft" in card and f"base_model: {work / 'base'}" in card and "| LoRA | r=4," in card
+    assert "library_name: peft" in card and f"| base model | {work / 'base'} |" in card and "| LoRA | r=4," in card
 
     merged = AutoModel.from_pretrained(work / "out" / "final", trust_remote_code=True, dtype=torch.float32)
     keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
