@@ -2,13 +2,16 @@
 
 Dimple trains autoregressively first, then as a masked discrete-diffusion model:
 
-| stage       | objective | attention     | trainable                       | lr   | max grad norm |
-|-------------|-----------|---------------|---------------------------------|------|---------------|
-| `align`     | AR        | causal        | `img_projector`                 | 1e-3 | 1.0           |
-| `ar`        | AR        | causal        | `model` + `lm_head` + projector | 2e-5 | 1.0           |
-| `diffusion` | diffusion | bidirectional | `model` + `lm_head`             | 5e-6 | 0.01          |
+| stage       | objective | trains with   | saved model decodes with | trainable                 | lr   | grad clip |
+|-------------|-----------|---------------|--------------------------|---------------------------|------|-----------|
+| `align`     | AR        | causal        | the input model's mode   | `img_projector`           | 1e-3 | 1.0       |
+| `ar`        | AR        | causal        | causal                   | `model`, `lm_head`, proj. | 2e-5 | 1.0       |
+| `diffusion` | diffusion | bidirectional | bidirectional            | `model`, `lm_head`        | 5e-6 | 0.01      |
 
-The vision tower (`visual`) is always frozen.
+The vision tower (`visual`) is always frozen. The attention a saved model decodes with is its config's
+`full_attn_mask`; `build_trainer(..., output_attention="input" | "causal" | "bidirectional")` overrides the stage's
+choice (`align` trains only the projector, so its output keeps the attention the input model decodes with). LoRA
+runs default to a learning rate of 1e-4 (`LORA_LEARNING_RATE`), which suits adapters better than full fine-tuning's.
 
 Library use (the same path `examples/finetune.py` takes):
 
@@ -17,10 +20,15 @@ from training_dimple import build_trainer, save_final_model, stage_training_argu
 
 args = stage_training_arguments("diffusion", "out/diffusion", per_device_train_batch_size=1,
                                 gradient_accumulation_steps=32, bf16=True)
+# Reads and checks every sample and opens every image before anything trains.
 trainer = build_trainer(model, processor, "train.jsonl", "diffusion", args, image_folder="images/")
 trainer.train()
-save_final_model(trainer)  # reloads with AutoModel.from_pretrained(dir, trust_remote_code=True)
+save_final_model(trainer)  # out/diffusion/final: reloads with AutoModel.from_pretrained(dir, trust_remote_code=True)
+end_distributed_run()  # a no-op in one process
 ```
+
+The output folder: `checkpoint-*/` (optimizer state, to resume), `final/` (the model, processor and a model card:
+the folder to push) and, with LoRA, `lora_adapter/` (loads on its own with `peft.AutoPeftModel`).
 
 **One loss for both objectives.** The model's `labels` loss is the shifted next-token cross-entropy
 CE(logits[:, :-1], labels[:, 1:]) summed over labels != -100 and divided by `num_items_in_batch`. The collator
@@ -44,6 +52,7 @@ micro-batch and multiplied by 1/GA (1/GA² under DeepSpeed), which weights token
 this matters with the 0.01 clipping threshold of the diffusion stage. A window with nothing scored gives loss 0.
 """
 
+import copy
 import io
 import json
 import math
@@ -60,12 +69,14 @@ logger = logging.get_logger(__name__)
 
 try:
     from .image_processing_dimple import MAX_ASPECT_RATIO
-    from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+    from .model_card import write_model_card
+    from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from image_processing_dimple import MAX_ASPECT_RATIO
-    from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+    from model_card import write_model_card
+    from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -78,6 +89,16 @@ ANSWER_PADDINGS = ("dynamic", "fixed")
 COLLATOR_ONLY_KEYS = ("answer_mask",)
 # LoRA targets the decoder's attention and MLP projections only; the vision tower reuses the MLP names.
 LORA_TARGET_MODULES = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# Adapters move further from their zero start than full weights do from a trained model: a larger default step.
+LORA_LEARNING_RATE = 1e-4
+# The attention a saved model decodes with: the input model's, causal, or bidirectional (config.full_attn_mask).
+OUTPUT_ATTENTIONS = ("input", "causal", "bidirectional")
+# How AutoPeftModel rebuilds the base model of a saved adapter: through AutoModel, which finds Dimple's remote code in
+# the base folder, instead of peft's default, the hashed `transformers_modules...` module of the training process.
+ADAPTER_AUTO_MAPPING = {"base_model_class": "AutoModel", "parent_library": "transformers"}
+# Hub download options that `from_pretrained` leaves in tokenizer_config.json: they describe this machine's cache
+# (HF_HUB_OFFLINE gives "local_files_only": true) and would follow the files to the Hub.
+MACHINE_LOCAL_KEYS = ("local_files_only", "cache_dir", "proxies", "force_download", "token")
 
 
 # ------------------------------------------------------------------------------------------------------- stages
@@ -91,12 +112,18 @@ class Stage:
     trainable: tuple[str, ...]
     learning_rate: float
     max_grad_norm: float
+    output_attention: str  # what the saved model decodes with, one of OUTPUT_ATTENTIONS
+
+    @property
+    def training_attention(self) -> str:
+        # The next-token loss needs causal attention; the masked-token loss is defined with bidirectional attention.
+        return "bidirectional" if self.objective == "diffusion" else "causal"
 
 
 STAGES = {
-    "align": Stage("ar", ("img_projector",), 1e-3, 1.0),
-    "ar": Stage("ar", ("model", "lm_head", "img_projector"), 2e-5, 1.0),
-    "diffusion": Stage("diffusion", ("model", "lm_head"), 5e-6, 0.01),
+    "align": Stage("ar", ("img_projector",), 1e-3, 1.0, "input"),
+    "ar": Stage("ar", ("model", "lm_head", "img_projector"), 2e-5, 1.0, "causal"),
+    "diffusion": Stage("diffusion", ("model", "lm_head"), 5e-6, 0.01, "bidirectional"),
 }
 
 
@@ -104,6 +131,19 @@ def get_stage(stage: str) -> Stage:
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose one of {', '.join(STAGES)}.")
     return STAGES[stage]
+
+
+def output_full_attn_mask(stage: str, output_attention: str | None, input_full_attn_mask: bool) -> bool:
+    """The `full_attn_mask` a stage's saved model gets: `output_attention` (default: the stage's choice), where
+    `"input"` keeps the input model's."""
+    attention = output_attention or get_stage(stage).output_attention
+    if attention not in OUTPUT_ATTENTIONS:
+        raise ValueError(f"Unknown output_attention {attention!r}; choose one of {', '.join(OUTPUT_ATTENTIONS)}.")
+    return bool(input_full_attn_mask) if attention == "input" else attention == "bidirectional"
+
+
+def attention_name(full_attn_mask: bool) -> str:
+    return "bidirectional" if full_attn_mask else "causal"
 
 
 def configure_stage(model, stage: str):
@@ -247,32 +287,148 @@ def _role_and_content(message, where):
         )
     if not isinstance(content, str):
         raise ValueError(f"{where}: content must be a string, got {type(content).__name__}.")
+    literal = [token for token in VISION_TOKENS if token in content]
+    if literal:
+        raise ValueError(
+            f"{where}: the text holds {', '.join(literal)}, which the processor writes itself for each image; "
+            f"remove it and mark each image with {IMAGE_MARKER}."
+        )
     return ROLE_NAMES[role], content
 
 
-def validate_samples(samples) -> None:
-    """Check every sample's structure up front (roles, markers vs images, empty answers); images are not opened."""
+def validate_samples(samples, image_folder=None, *, check_images: bool = True, locations=None) -> None:
+    """Check a whole data set before anything trains (and before the model loads, in `examples/finetune.py`).
+
+    Every sample's structure is checked (roles, `<image>` markers against images, empty answers, literal vision
+    tokens): the first bad one raises, named. With `check_images`, every image is then opened once and all the
+    missing, unreadable or empty ones are reported in one `ValueError`. `locations` names each sample in messages
+    (`read_data_file` gives the file and line); an empty data set is refused.
+    """
+    if len(samples) == 0:
+        raise ValueError("The training data holds no samples; give at least one (see `parse_sample` for the layout).")
+    parsed = []
     for index in range(len(samples)):
-        parse_sample(samples[index], index)
+        try:
+            parsed.append(parse_sample(samples[index], index))
+        except ValueError as error:
+            if locations is None:
+                raise
+            raise ValueError(f"{locations[index]}: {error}") from None
+    if not check_images:
+        return
+    problems, missing_files, count = [], False, 0
+    for index, chat in enumerate(parsed):
+        where = describe_sample(samples[index], index)
+        where = f"{locations[index]} ({where[0].lower()}{where[1:]})" if locations is not None else where
+        for number, source in enumerate(chat.images):
+            count += 1
+            problem = image_problem(source, image_folder)
+            if problem:
+                problems.append(f"{where}, image {number} ({_short(source)}): {problem}")
+                missing_files |= problem.startswith("no such file")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError(
+            f"{len(problems)} of {count} training image(s) cannot be used:\n  "
+            + "\n  ".join(shown)
+            + "\n"
+            + _image_fix(missing_files, image_folder)
+        )
 
 
-def load_samples(path) -> list[dict]:
-    """Read a JSON list (`.json`) or one JSON object per line (`.jsonl`)."""
+def image_problem(source, image_folder=None) -> str | None:
+    """Why an image source cannot be trained on (None when it can): opens and decodes it once."""
+    try:
+        image = read_image(source, image_folder)
+    except FileNotFoundError as error:
+        return f"no such file {error.filename or source}"
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as error:
+        return f"cannot be read ({error})"
+    if 0 in image.size:
+        return f"empty ({image.width}x{image.height})"
+    return None
+
+
+def _image_fix(missing_files: bool, image_folder) -> str:
+    if not missing_files:
+        return "Fix or remove these samples."
+    if image_folder is None:
+        return (
+            f"Relative image paths start at the current directory ({os.getcwd()}); pass image_folder "
+            "(--image_folder in examples/finetune.py) with the folder they are relative to."
+        )
+    return (
+        f"Relative image paths start at image_folder={str(image_folder)!r} (--image_folder); check that it is the "
+        "folder the paths are relative to."
+    )
+
+
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def read_data_file(path) -> tuple[list, list[str]]:
+    """The samples of a `.json` file (one JSON list) or a `.jsonl` file (one JSON object per line), and where each
+    one is (`"data.jsonl, line 12"`) for error messages. Errors name the file, the line and the fix."""
     path = Path(path)
+    if path.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"{path}: training data must be a .json file (a list of samples) or a .jsonl file (one "
+                         "sample per line).")  # fmt: skip
+    if not path.is_file():
+        raise ValueError(f"{path}: no such training data file; check the path (--data in examples/finetune.py).")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        samples = []
+        samples, locations = [], []
         for line_number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     samples.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {line_number}: invalid JSON ({error}).") from error
-        return samples
-    samples = json.loads(text)
-    if not isinstance(samples, list):
-        raise ValueError(f"{path}: expected a JSON list of samples (or use .jsonl with one sample per line).")
-    return samples
+                    raise ValueError(
+                        f"{path}, line {line_number}: invalid JSON ({error.msg}, column {error.colno}); a .jsonl file "
+                        "holds one complete JSON sample per line."
+                    ) from None
+                locations.append(f"{path}, line {line_number}")
+    else:
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as error:
+            hint = (
+                "the file holds several JSON values, one sample per line: rename it to .jsonl, or put the samples "
+                "in one JSON list"
+                if error.msg == "Extra data"
+                else "a .json file holds one JSON list of samples"
+            )
+            raise ValueError(
+                f"{path}, line {error.lineno} column {error.colno}: invalid JSON ({error.msg}); {hint}."
+            ) from None
+        if not isinstance(samples, list):
+            raise ValueError(
+                f"{path}: expected a JSON list of samples, got a {type(samples).__name__}; put the samples in a list "
+                "(or use .jsonl with one sample per line)."
+            )
+        locations = [str(path)] * len(samples)  # messages name the sample's index after the file
+    if not samples:
+        raise ValueError(f"{path} holds no samples; it needs at least one (see `parse_sample` for the layout).")
+    return samples, locations
+
+
+def load_samples(path) -> list[dict]:
+    """Read a JSON list (`.json`) or one JSON object per line (`.jsonl`); see `read_data_file`."""
+    return read_data_file(path)[0]
+
+
+def load_training_data(data, image_folder=None) -> "ChatDataset":
+    """A checked `ChatDataset` from a `.json` / `.jsonl` path or a list of samples (`validate_samples`, images
+    included); other datasets (possibly lazy, with decoded images) are wrapped as they are and checked per batch."""
+    if isinstance(data, ChatDataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        samples, locations = read_data_file(data)
+        validate_samples(samples, image_folder, locations=locations)
+        return ChatDataset(samples)
+    if isinstance(data, list):
+        validate_samples(data, image_folder)
+    return ChatDataset(data)
 
 
 class ChatDataset(Dataset):
@@ -425,6 +581,11 @@ class DimpleDataCollator:
         ):
             if value not in choices:
                 raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+        if self.objective == "ar" and self.mask_strategy != "single":
+            raise ValueError(
+                f"mask_strategy={self.mask_strategy!r} applies to the diffusion objective only (the ar objective "
+                "masks nothing); leave it at 'single' or train the diffusion stage."
+            )
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}.")
         if self.max_length < 2 or self.fixed_answer_length < 1:
@@ -634,9 +795,15 @@ class DimpleTrainer(Trainer):
     (`<|im_start|>` / `<|im_end|>`), while Dimple's config keeps `<|endoftext|>`, which ends its answers.
     """
 
-    def __init__(self, *args, processor=None, **kwargs):
+    def __init__(
+        self, *args, processor=None, stage=None, input_full_attn_mask=None, output_full_attn_mask=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.processor = processor
+        self.stage = stage
+        self.input_full_attn_mask = input_full_attn_mask
+        # What `save_final_model` writes into the saved config (checkpoints keep the training attention).
+        self.output_full_attn_mask = output_full_attn_mask
         if callable(getattr(self.data_collator, "set_epoch", None)):
             self.add_callback(CollatorEpochCallback(self.data_collator))
 
@@ -646,8 +813,23 @@ class DimpleTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
-        if self.processor is not None and self.args.should_save:
-            self.processor.save_pretrained(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            if self.processor is not None:
+                self.processor.save_pretrained(output_dir or self.args.output_dir)
+            remove_machine_local_keys(output_dir or self.args.output_dir)
+
+
+def remove_machine_local_keys(folder) -> None:
+    """Drop `MACHINE_LOCAL_KEYS` from the top level of the JSON files in `folder` (rewriting only those that hold
+    one), so that a saved folder can be pushed as it is."""
+    for path in Path(folder).glob("*.json"):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(content, dict) and any(key in content for key in MACHINE_LOCAL_KEYS):
+            kept = {key: value for key, value in content.items() if key not in MACHINE_LOCAL_KEYS}
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -682,17 +864,19 @@ def warn_if_single_process(args: TrainingArguments) -> bool:
     return True
 
 
-def stage_training_arguments(stage: str, output_dir: str, **overrides) -> TrainingArguments:
+def stage_training_arguments(stage: str, output_dir: str, *, lora: bool = False, **overrides) -> TrainingArguments:
     """`TrainingArguments` with the reference §6.4 defaults of `stage`; keyword arguments override them.
 
-    Defaults: the stage's learning rate and max grad norm, AdamW (torch), weight decay 0, 3 % linear warm-up then
-    linear decay, seed 0, one epoch, no reporting, `use_cpu` when there is no accelerator. `remove_unused_columns`
-    is always False: the collator needs the raw `messages` / `images`.
+    Defaults: the stage's learning rate (`LORA_LEARNING_RATE` with `lora=True`) and max grad norm, AdamW (torch),
+    weight decay 0, 3 % linear warm-up then linear decay, seed 0, one epoch, no reporting, `use_cpu` when there is
+    no accelerator, and DDP's `find_unused_parameters` only for the stages that train the projector (a batch
+    without images leaves it unused; the diffusion stage uses every trainable weight in every step).
+    `remove_unused_columns` is always False: the collator needs the raw `messages` / `images`.
     """
     spec = get_stage(stage)
     values = dict(
         output_dir=output_dir,
-        learning_rate=spec.learning_rate,
+        learning_rate=LORA_LEARNING_RATE if lora else spec.learning_rate,
         max_grad_norm=spec.max_grad_norm,
         optim="adamw_torch",
         weight_decay=0.0,
@@ -703,6 +887,7 @@ def stage_training_arguments(stage: str, output_dir: str, **overrides) -> Traini
         report_to="none",
         # Without it, processes started by torchrun on a machine with no accelerator each train alone.
         use_cpu=not torch.accelerator.is_available(),
+        ddp_find_unused_parameters="img_projector" in spec.trainable,
     )
     values.update(overrides)
     values["remove_unused_columns"] = False
@@ -717,6 +902,7 @@ def build_trainer(
     args: TrainingArguments | None = None,
     *,
     lora=None,
+    output_attention: str | None = None,
     eval_dataset=None,
     callbacks=None,
     **collator_options,
@@ -727,10 +913,13 @@ def build_trainer(
         model: a `DimpleForConditionalGeneration` (from this repository or loaded with `trust_remote_code`).
         processor: its `DimpleProcessor`.
         train_dataset: a list of chat samples, a path to a `.json` / `.jsonl` file, or any map-style dataset of
-            samples (see `parse_sample` for the layout). Lists and files are validated up front.
+            samples (see `parse_sample` for the layout). Lists and files are validated up front, images included
+            (`load_training_data`); a `ChatDataset` from `load_training_data` is taken as already checked.
         stage: `"align"`, `"ar"` or `"diffusion"`: sets the objective, the attention mode and which modules train.
         args: `TrainingArguments`; defaults to `stage_training_arguments(stage, "outputs/<stage>")`.
         lora: a PEFT `LoraConfig` (see `lora_config`) to train adapters instead of full weights.
+        output_attention: what the model saved by `save_final_model` decodes with: `"input"` (the input model's
+            attention), `"causal"` or `"bidirectional"`; default: the stage's (see the module docstring).
         eval_dataset, callbacks: passed to the Trainer.
         **collator_options: `DimpleDataCollator` options (`image_folder`, `mask_strategy`, `answer_padding`,
             `max_length`, `seed`, ...); `seed` defaults to `args.seed`.
@@ -745,46 +934,167 @@ def build_trainer(
     collator = DimpleDataCollator(
         processor, objective=get_stage(stage).objective, **{"seed": args.seed, **collator_options}
     )
+    image_folder = collator_options.get("image_folder")
+    train_dataset = load_training_data(train_dataset, image_folder)
+    eval_dataset = load_training_data(eval_dataset, image_folder) if eval_dataset is not None else None
+    input_mask = model.config.full_attn_mask
+    saved_mask = output_full_attn_mask(stage, output_attention, input_mask)
+    logger.warning(
+        f"Stage {stage!r} trains with {get_stage(stage).training_attention} attention; the saved model will decode "
+        f"with {attention_name(saved_mask)} attention (full_attn_mask={saved_mask}; the input model's is "
+        f"{attention_name(input_mask)}). Choose it with output_attention (--output_attention)."
+    )
     return DimpleTrainer(
         model=prepare_model(model, stage, lora),
         args=args,
-        train_dataset=_as_dataset(train_dataset),
-        eval_dataset=_as_dataset(eval_dataset) if eval_dataset is not None else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=callbacks,
         processor=processor,
+        stage=stage,
+        input_full_attn_mask=input_mask,
+        output_full_attn_mask=saved_mask,
     )
 
 
-def _as_dataset(data):
-    if isinstance(data, (str, os.PathLike)):
-        data = load_samples(data)
-    if isinstance(data, list):
-        # Fail before training starts; other datasets (possibly lazy, with decoded images) are checked per batch.
-        validate_samples(data)
-    return data if isinstance(data, ChatDataset) else ChatDataset(data)
+def save_final_model(
+    trainer: Trainer, output_dir: str | None = None, *, adapter_dir: str | None = None, base_model: str | None = None
+) -> str:
+    """Save the trained model, its processor and a model card, ready to push; returns the folder.
 
-
-def save_final_model(trainer: Trainer, output_dir: str | None = None) -> str:
-    """Save the trained model (and processor) so `AutoModel.from_pretrained(dir, trust_remote_code=True)` loads it.
-
-    With LoRA the adapter goes to `<dir>/lora_adapter` and the merged weights to `<dir>`. Merging needs the full
-    weights on one process, which ZeRO-1/2 and DDP have; under FSDP only the adapter is saved. Call it after
-    training: merging changes the trainer's model in place.
+    `output_dir` defaults to `<args.output_dir>/final`, beside (not among) the `checkpoint-*` folders. The saved
+    config gets the attention chosen for the stage's output (`build_trainer`'s `output_attention`);
+    `AutoModel.from_pretrained(dir, trust_remote_code=True)` loads it. With LoRA the adapter goes to `adapter_dir`
+    (default `<args.output_dir>/lora_adapter`), with its base recorded as `base_model` (default: the model's
+    `name_or_path`, made absolute when it is a local folder; pass the Hub id when pushing), and the merged weights to
+    `output_dir`. Merging needs the full weights on one process, which ZeRO-1/2 and DDP have; under FSDP only the
+    adapter is saved (its folder is returned). Every process must call it: all of them wait until rank 0 has
+    written everything. Merging changes the trainer's model in place.
     """
-    output_dir = output_dir or trainer.args.output_dir
-    if not callable(getattr(trainer.model, "merge_and_unload", None)):  # not a PEFT (LoRA) model
+    output_dir = output_dir or os.path.join(trainer.args.output_dir, "final")
+    base_model = base_model or resolvable_reference(getattr(unwrapped_model(trainer), "name_or_path", None))
+    facts = {"base model": base_model, **training_facts(trainer)} if base_model else training_facts(trainer)
+    if callable(getattr(trainer.model, "merge_and_unload", None)):  # a PEFT (LoRA) model
+        adapter_dir = adapter_dir or os.path.join(trainer.args.output_dir, "lora_adapter")
+        trainer.save_model(adapter_dir)
+        if trainer.is_world_process_zero():
+            _finish_adapter_folder(trainer, adapter_dir, base_model, facts)
+        if trainer.is_fsdp_enabled:
+            trainer.accelerator.wait_for_everyone()
+            return adapter_dir
+        if trainer.is_world_process_zero():
+            merged = trainer.model.merge_and_unload()
+            _set_output_attention(trainer, merged)
+            merged.save_pretrained(output_dir)
+            if getattr(trainer, "processor", None) is not None:
+                trainer.processor.save_pretrained(output_dir)
+    else:
+        _set_output_attention(trainer, trainer.model)
         trainer.save_model(output_dir)
-        return output_dir
-    trainer.save_model(os.path.join(output_dir, "lora_adapter"))
-    if trainer.is_fsdp_enabled:
-        return os.path.join(output_dir, "lora_adapter")
     if trainer.is_world_process_zero():
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(output_dir)
-        if getattr(trainer, "processor", None) is not None:
-            trainer.processor.save_pretrained(output_dir)
+        _make_pushable(output_dir)
+        write_model_card(output_dir, kind="finetuned", base_model=hub_id(base_model), training=facts)
+    # Other ranks must not exit (and tear down their connections) while rank 0 still writes.
+    trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def end_distributed_run() -> None:
+    """Tear the process group down once every process is done (a no-op in one process).
+
+    A gloo process that exits with its group still up while a peer is busy can abort in a C++ destructor
+    ("terminate called without an active exception"), which makes torchrun kill the others; in a bare two-process
+    gloo script where rank 0 works one second longer, 2 of 8 runs aborted without this and 0 of 10 with it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def resolvable_reference(name_or_path) -> str | None:
+    """A base-model reference that resolves from any working directory: an absolute path for a local folder,
+    else the name as given (a Hub id); None when the model was not loaded from anywhere."""
+    if not name_or_path:
+        return None
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else str(name_or_path)
+
+
+def hub_id(reference) -> str | None:
+    """The reference when it names a Hub model; None for a local folder, which the card's `base_model` metadata
+    (a Hub link) cannot hold (the training table still names it)."""
+    return None if reference is None or Path(reference).is_dir() else reference
+
+
+def unwrapped_model(trainer):
+    model = trainer.model
+    return model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+
+
+def _make_pushable(folder) -> None:
+    """No machine-local keys, and no pickled `TrainingArguments` (the Trainer's `training_args.bin`, which holds
+    this machine's paths; the model card states the training facts instead)."""
+    remove_machine_local_keys(folder)
+    Path(folder, "training_args.bin").unlink(missing_ok=True)
+
+
+def _set_output_attention(trainer, model) -> None:
+    saved = getattr(trainer, "output_full_attn_mask", None)
+    if saved is None:
+        return
+    model.config.full_attn_mask = saved
+    logger.warning(f"The saved model decodes with {attention_name(saved)} attention (full_attn_mask={saved}).")
+
+
+def _finish_adapter_folder(trainer, adapter_dir, base_model, facts) -> None:
+    """Make the adapter folder load on its own: a resolvable base, AutoModel (remote code) as the base class."""
+    if base_model is None:
+        logger.warning(
+            "The model was not loaded from a folder or Hub id, so the adapter records no base model; pass "
+            "base_model= to save_final_model for an adapter that loads with AutoPeftModel."
+        )
+    config = copy.copy(trainer.model.peft_config["default"])
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(adapter_dir, auto_mapping_dict=ADAPTER_AUTO_MAPPING)
+    _make_pushable(adapter_dir)
+    # The adapter carries no config: on its base it decodes with the base's attention.
+    base_mask, saved = getattr(trainer, "input_full_attn_mask", None), getattr(trainer, "output_full_attn_mask", None)
+    if base_mask is not None:
+        facts = {**facts, "decodes with": f"{attention_name(base_mask)} attention (the base model's config)"}
+        if saved is not None and saved != base_mask:
+            logger.warning(
+                f"The adapter loaded on its base decodes with the base's {attention_name(base_mask)} attention; the "
+                f"merged folder decodes with {attention_name(saved)} attention."
+            )
+    write_model_card(adapter_dir, kind="adapter", base_model=hub_id(base_model), training=facts)
+
+
+def training_facts(trainer) -> dict:
+    """What a model card says about the run: stage, attention, data, steps, batch, optimiser, LoRA, last loss."""
+    args, state, collator = trainer.args, trainer.state, trainer.data_collator
+    stage = getattr(trainer, "stage", None)
+    saved = getattr(trainer, "output_full_attn_mask", None)
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    facts = {
+        "stage": stage,
+        "objective": get_stage(stage).objective if stage else None,
+        "trained with attention": get_stage(stage).training_attention if stage else None,
+        "decodes with": f"{attention_name(saved)} attention (full_attn_mask={saved})" if saved is not None else None,
+        "training samples": len(trainer.train_dataset) if trainer.train_dataset is not None else None,
+        "epochs": round(state.epoch, 3) if state.epoch else None,
+        "optimizer steps": state.global_step,
+        "global batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "learning rate": args.learning_rate,
+        "max grad norm": args.max_grad_norm,
+        "precision": "bf16 mixed" if args.bf16 else "float32",
+        "mask strategy": getattr(collator, "mask_strategy", None) if stage == "diffusion" else None,
+        "answer padding": getattr(collator, "answer_padding", None),
+        "last logged training loss": round(losses[-1], 5) if losses else None,
+    }
+    peft_config = getattr(trainer.model, "peft_config", {}).get("default")
+    if peft_config is not None:
+        facts["LoRA"] = f"r={peft_config.r}, alpha={peft_config.lora_alpha}, dropout={peft_config.lora_dropout}"
+    return {key: value for key, value in facts.items() if value is not None}
 
 
 __all__ = [
@@ -799,13 +1109,17 @@ __all__ = [
     "build_trainer",
     "configure_stage",
     "diffusion_mask",
+    "end_distributed_run",
     "get_stage",
     "load_samples",
+    "load_training_data",
     "lora_config",
     "parse_sample",
     "pre_resize",
     "prepare_model",
+    "read_data_file",
     "read_image",
+    "remove_machine_local_keys",
     "save_final_model",
     "stage_training_arguments",
     "validate_samples",

@@ -253,21 +253,35 @@ def bad_samples(tmp_path):
             {"messages": [{"role": "user", "content": "<image>"}, good["messages"][1]], "images": ["gone.png"]},
             r"Sample 3 \(id 'bad'\): cannot read image 0 \('gone.png'\)",
         ),
+        "literal image token": (
+            {"messages": [{"role": "user", "content": "What <|image_pad|> ?"}, good["messages"][1]]},
+            r"Sample 3 \(id 'bad'\), message 0: the text holds <\|image_pad\|>, .* mark each image with <image>",
+        ),
     }  # fmt: skip
 
 
+# The same problems found by the up-front check (images opened once), where the collator's wording differs.
+UP_FRONT_MESSAGES = {
+    "garbage bytes": r"1 of 1 training image\(s\) cannot be used:\n  Sample 3 \(id 'bad'\), image 0 \(9 bytes\): "
+    r"cannot be read",
+    "missing file": r"Sample 3 \(id 'bad'\), image 0 \('gone.png'\): no such file .*gone.png\n"
+    r"Relative image paths start at image_folder=.* \(--image_folder\)",
+}
+
+
 @pytest.mark.parametrize(
-    "problem", ["unknown role", "more markers", "fewer markers", "empty answer", "garbage bytes", "missing file"]
-)
+    "problem",
+    ["unknown role", "more markers", "fewer markers", "empty answer", "garbage bytes", "missing file",
+     "literal image token"],
+)  # fmt: skip
 def test_bad_data_names_the_sample(processor, tmp_path, problem):
     sample, message = bad_samples(tmp_path)[problem]
     dataset = ChatDataset([text_sample()] * 3 + [{**sample, "id": "bad"}])
     collator = DimpleDataCollator(processor, image_folder=tmp_path)
     with pytest.raises(ValueError, match=message):
         collator([dataset[0], dataset[3]])
-    if problem not in ("garbage bytes", "missing file"):  # structure is checked up front, images only when read
-        with pytest.raises(ValueError, match=message):
-            validate_samples(dataset.samples)
+    with pytest.raises(ValueError, match=UP_FRONT_MESSAGES.get(problem, message)):
+        validate_samples(dataset.samples, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------- masking
@@ -488,7 +502,7 @@ def test_lora_trains_adapters_on_the_language_model_and_merges(processor, tmp_pa
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)
     reloaded = AutoModel.from_pretrained(output_dir, trust_remote_code=True, dtype=torch.float32)
     torch.testing.assert_close(tiny_logits(reloaded, processor), merged_logits)
-    assert (tmp_path / "final" / "lora_adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "lora_adapter" / "adapter_config.json").exists()
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
@@ -519,8 +533,8 @@ def test_finetune_script_trains_and_saves_a_reloadable_checkpoint(processor, tmp
     ])  # fmt: skip
     assert trainer.args.max_grad_norm == 1.0 and trainer.args.activation_checkpointing
 
-    reloaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32)
-    reprocessor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    reloaded = AutoModel.from_pretrained(tmp_path / "out" / "final", trust_remote_code=True, dtype=torch.float32)
+    reprocessor = AutoProcessor.from_pretrained(tmp_path / "out" / "final", trust_remote_code=True)
     assert reprocessor.tokenizer.convert_tokens_to_ids("<|mask|>") == MASK
     assert reloaded.config.full_attn_mask is False
     torch.testing.assert_close(tiny_logits(reloaded, processor), tiny_logits(trainer.model, processor))
