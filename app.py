@@ -321,14 +321,16 @@ def watch_settings(answer_length: int | None, defaults: Settings) -> tuple[float
     return 0.0, max(1, math.ceil(length / WATCH_SLOTS_PER_STEP)), length
 
 
-class ImageUpload(gr.Image):
-    """`gr.Image` that answers a file PIL cannot read with a message instead of a bare "Error" badge."""
+def refuse_unreadable_files(image: gr.Image) -> gr.Image:
+    """Make `image` answer a file PIL cannot read with a message instead of a bare "Error" badge.
 
-    is_template = True  # drawn by Gradio's own image component
+    Wrapped on the instance: a subclass of a Gradio component makes Gradio write a `.pyi` file beside this module.
+    """
+    preprocess = image.preprocess
 
-    def preprocess(self, payload):
+    def checked(payload):
         try:
-            return super().preprocess(payload)
+            return preprocess(payload)
         except UnidentifiedImageError as error:
             name = getattr(payload, "orig_name", None) or "The upload"
             raise gr.Error(
@@ -336,6 +338,9 @@ class ImageUpload(gr.Image):
                 duration=ERROR_SECONDS,
                 print_exception=False,
             ) from error
+
+    image.preprocess = checked
+    return image
 
 
 def draw_scene():
@@ -425,7 +430,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
         )
         with gr.Row():
             with gr.Column():
-                image = ImageUpload(type="pil", label="Image", elem_id="image", height=240)
+                image = refuse_unreadable_files(gr.Image(type="pil", label="Image", elem_id="image", height=240))
                 scene = gr.Button("Draw a shapes scene")
                 question = gr.Textbox(DEFAULT_QUESTION, label="Question", elem_id="question")
                 template = gr.Textbox(
@@ -490,7 +495,8 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
 
         # Events that read no model bypass the queue: they never wait behind decodings, nor meet a full queue (Stop).
         scene.click(draw_scene, None, image, api_name="scene", queue=False)
-        image.upload(lambda _: None, image, None, api_visibility="private", queue=False)  # reads the upload at once
+        # Reading the upload at once: a file that is no image gets its message now, not at "Answer".
+        image.upload(lambda _: None, image, None, api_visibility="private", concurrency_limit=None)
         run.click(
             answer,
             [image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template, temperature, seed],

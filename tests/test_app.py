@@ -408,3 +408,26 @@ def test_browser_shows_the_template_error_and_keeps_serving(page, scene):
     page.wait_for_function(
         "() => document.querySelector('#answer textarea').value.startsWith('Color:')", timeout=120_000
     )
+
+
+def test_browser_refuses_a_non_image_upload_with_a_message_that_expires(page, not_an_image, scene):
+    page.locator("#image input[type=file]").set_input_files(str(not_an_image))
+    toast = page.get_by_text("not-an-image.png is not an image this demo can read", exact=False).first
+    toast.wait_for(timeout=60_000)
+    toast.wait_for(state="detached", timeout=(app.ERROR_SECONDS + 30) * 1000)
+    # An image uploaded next is answered as usual.
+    page.locator("#image button[aria-label='Remove Image']").click()
+    ask_in_page(page, scene, "How many shapes are there?")
+    page.wait_for_function("() => document.querySelector('#answer textarea').value !== ''", timeout=120_000)
+
+
+def test_browser_examples_and_watch_it_think_fill_the_fields(page):
+    page.get_by_text("How many shapes are there?").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#question textarea').value === 'How many shapes are there?'", timeout=30_000
+    )
+    page.locator("#answer_length input").fill("40")
+    page.locator("#watch").click()
+    page.wait_for_function("() => document.querySelector('#steps input').value === '10'", timeout=30_000)
+    assert float(page.locator("#threshold input[type=number]").input_value()) == 0
+
