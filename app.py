@@ -18,6 +18,7 @@ concurrent users never see each other's canvases.
 """
 
 import argparse
+import hashlib
 import math
 import queue
 import random
@@ -316,7 +317,7 @@ def default_settings(model) -> Settings:
 
 
 def watch_settings(answer_length: int | None, defaults: Settings) -> tuple[float, int, int]:
-    """"Watch it think": γ off and a fixed schedule of WATCH_SLOTS_PER_STEP slots per step; (γ, steps, length)."""
+    """The "Watch it think" preset, (γ, steps, length): γ off, a schedule of WATCH_SLOTS_PER_STEP slots per step."""
     length = int(answer_length or defaults.answer_length)
     return 0.0, max(1, math.ceil(length / WATCH_SLOTS_PER_STEP)), length
 
@@ -371,7 +372,9 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
         if not frames:
             return None, answer_text, summary, frames, gr.Slider(interactive=False), None
         replay = gr.Slider(minimum=0, maximum=len(frames) - 1, value=len(frames) - 1, interactive=True)
-        return frames[-1], answer_text, summary, frames, replay, str(steps_gif(frames, files / f"{session}.gif"))
+        # The client names its session: hash it rather than trust it in a file name.
+        name = hashlib.sha256(session.encode()).hexdigest()[:16]
+        return frames[-1], answer_text, summary, frames, replay, str(steps_gif(frames, files / f"{name}.gif"))
 
     def answer(
         image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template, temperature, seed,
@@ -417,8 +420,10 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
         return watch_settings(answer_length, defaults)
 
     def checkpoint_settings():
-        d = defaults
-        return d.threshold, d.steps, d.answer_length, d.pipeline, d.alg, d.use_cache, d.temperature
+        return (
+            defaults.threshold, defaults.steps, defaults.answer_length, defaults.pipeline, defaults.alg,
+            defaults.use_cache, defaults.temperature,
+        )  # fmt: skip
 
     with gr.Blocks(title="Dimple: watch it think", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -426,7 +431,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
             "A discrete-diffusion VLM answers by filling a canvas of masked slots, several per forward pass. "
             f"Blanks ({BLANK_TEXT}) are undecided slots; orange marks the slots committed in this step, green those "
             f"committed earlier, blue the fixed tokens of your response template; {END_TEXT} is end-of-answer padding. "
-            "A confident model fills the whole answer in one pass: press **Watch it think** for a step-by-step schedule."
+            "A confident model fills the whole answer in one pass: press **Watch it think** to see the steps."
         )
         with gr.Row():
             with gr.Column():
@@ -472,7 +477,12 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                         )
                     with gr.Row():
                         temperature = gr.Slider(
-                            0, 2, defaults.temperature, step=0.05, label="Temperature (0: argmax)", elem_id="temperature"
+                            0,
+                            2,
+                            defaults.temperature,
+                            step=0.05,
+                            label="Temperature (0: argmax)",
+                            elem_id="temperature",
                         )
                         seed = gr.Number(
                             defaults.seed, precision=0, minimum=0, maximum=SEED_RANGE - 1, label="Seed (empty: random)",

@@ -201,7 +201,13 @@ def test_replay_returns_this_sessions_own_steps(server, scene):
         ("scene", "How many shapes?", "Color:<|mask|>*0", {}, "Invalid slot '<|mask|>*0'"),
         ("scene", "How many shapes?", "", dict(steps=0), "Value 0 is less than minimum value 1"),
         ("scene", "How many shapes?", "", dict(answer_length=1024), "greater than maximum value"),
-        ("scene", "How many shapes?", "", dict(pipeline="dream", alg="origin-ratio"), "exists only in the dim pipeline"),
+        (
+            "scene",
+            "How many shapes?",
+            "",
+            dict(pipeline="dream", alg="origin-ratio"),
+            "exists only in the dim pipeline",
+        ),
     ],
 )
 def test_bad_input_gets_a_message_that_expires_and_the_app_keeps_serving(
@@ -235,7 +241,9 @@ def test_answer_length_is_bounded_by_the_positions_the_prompt_leaves(dimple):
     smallest = Image.new("RGB", (app.SMALLEST_IMAGE, app.SMALLEST_IMAGE), "white")
     canvases, result = stream(dimple, smallest, "?", answer_length=limit, steps=1)
     assert len(canvases[-1]) == limit and result.passes == 1
-    with pytest.raises(ValueError, match=f"of the model's {positions} positions, which leaves room for at most {limit} "):
+    with pytest.raises(
+        ValueError, match=f"of the model's {positions} positions, which leaves room for at most {limit} "
+    ):
         stream(dimple, smallest, "?", answer_length=limit + 1, steps=1)
     # A longer prompt leaves fewer slots; the page names its field and the longest answer that fits.
     with pytest.raises(ValueError, match=f"Answer length {limit} does not fit") as error:
@@ -247,7 +255,7 @@ def test_watch_it_think_shows_the_denoising_that_the_checkpoints_settings_skip(s
     client = gradio_client.Client(server, verbose=False)
     model, _ = dimple
     # The checkpoint's own settings (γ 0.9) fill the whole answer in the first pass, and the page says so.
-    threshold, steps, length, pipeline, alg, use_cache, temperature = client.predict(api_name="/checkpoint_settings")
+    threshold, steps, length, pipeline, alg, _, _ = client.predict(api_name="/checkpoint_settings")
     assert (threshold, steps, length) == (model.generation_config.alg_p_threshold, 32, 32)
     checkpoint = dict(threshold=threshold, steps=steps, answer_length=length, pipeline=pipeline, alg=alg)
     job = client.submit(*api_args(scene, "Describe the image.", **checkpoint), api_name="/answer")
@@ -317,7 +325,7 @@ def test_stop_ends_the_running_decoding_and_keeps_its_steps(server, scene):
     while len(job.outputs()) < 3:
         time.sleep(0.05)
     client.predict(api_name="/stop")
-    final_canvas, answer, summary, replay_slider, gif = job.result(timeout=300)
+    final_canvas, answer, summary, replay_slider, _ = job.result(timeout=300)
     stopped_at = int(re.fullmatch(r"stopped after step (\d+)", summary).group(1))
     assert 1 <= stopped_at < 32 and answer == ""
     assert categories(final_canvas).count(app.BLANK) > 0
@@ -430,4 +438,3 @@ def test_browser_examples_and_watch_it_think_fill_the_fields(page):
     page.locator("#watch").click()
     page.wait_for_function("() => document.querySelector('#steps input').value === '10'", timeout=30_000)
     assert float(page.locator("#threshold input[type=number]").input_value()) == 0
-
