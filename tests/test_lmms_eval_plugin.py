@@ -5,6 +5,7 @@ Skipped unless lmms-eval and the plugin are installed (`pip install -r requireme
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,14 +20,22 @@ if "dimple" not in {entry.name for entry in entry_points(group="lmms_eval.models
     pytest.skip("the lmms-eval-dimple plugin is not installed", allow_module_level=True)
 
 from conftest import REPO_ROOT  # noqa: E402
-from lmms_eval_dimple.model import PUBLISHED_SETTINGS, Dimple, generation_settings  # noqa: E402
+from lmms_eval_dimple.model import (  # noqa: E402
+    AUTO_START_BATCH_SIZE,
+    PUBLISHED_SETTINGS,
+    Dimple,
+    generation_settings,
+    overridden_model_args,
+    resolve_batch_size,
+)
 
 from shapes.evaluate import answer_batch, decoding_settings, load  # noqa: E402
-from shapes.task import heldout_examples  # noqa: E402
+from shapes.task import heldout_examples, render  # noqa: E402
 
 CHECKPOINT = REPO_ROOT / "checkpoints" / "dimple-shapes"
 TASK_FOLDER = REPO_ROOT / "shapes" / "lmms_eval_task"
 QUESTIONS = 24
+PASSES_LOG = re.compile(r"(\d+) questions, (\d+) forward passes for (\d+) answer tokens")
 
 
 def test_lmms_eval_finds_the_dimple_model_through_its_entry_point():
@@ -48,6 +57,51 @@ def test_settings_resolve_published_then_model_args_then_request():
         generation_settings({}, {"num_beams": 4})
 
 
+def test_a_model_arg_that_the_task_sets_otherwise_is_named_with_the_value_that_wins():
+    [message] = overridden_model_args({"alg": "entropy", "steps": 8}, {"alg": "maskgit_plus", "steps": 8})
+    assert "--model_args alg='entropy' is overridden" in message and "alg='maskgit_plus'" in message
+    assert "the task's value is used" in message
+    [message] = overridden_model_args({"temperature": 0.2}, {"do_sample": False})
+    assert "temperature=0.2" in message and "temperature=0.0 (from do_sample: false)" in message
+    assert overridden_model_args({"top_k": "None"}, {"top_k": None, "until": ["x"]}) == []
+
+
+def test_batch_size_auto_starts_at_the_cap_on_a_gpu_and_is_one_on_cpu():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_batch_size("auto", None, gpu) == AUTO_START_BATCH_SIZE
+    assert resolve_batch_size("auto:4", 16, gpu) == 16
+    assert resolve_batch_size("auto", 16, cpu) == 1
+    assert resolve_batch_size("8", None, cpu) == resolve_batch_size(8, None, gpu) == 8
+    for bad in ("0", "eight", -1, 2.5, None):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer, 'auto' or 'auto:N'"):
+            resolve_batch_size(bad, None, cpu)
+
+
+def test_out_of_memory_halves_an_auto_batch_and_changes_no_answer(monkeypatch):
+    examples = heldout_examples(5)
+    contexts = [example.question for example in examples]
+    visuals = [[render(example.scene)] for example in examples]
+    settings, _ = generation_settings({}, {"max_new_tokens": 16, "alg_p_threshold": None})
+    lm = Dimple(pretrained=str(CHECKPOINT), device="cpu")
+    one_by_one = [lm.answer([c], [v], settings)[0] for c, v in zip(contexts, visuals)]
+
+    generate, batches = lm.model.diffusion_generate, []
+
+    def at_most_two_rows(input_ids, **kwargs):  # a device that holds two rows
+        batches.append(len(input_ids))
+        if len(input_ids) > 2:
+            raise torch.OutOfMemoryError("planted: more than two rows")
+        return generate(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(lm.model, "diffusion_generate", at_most_two_rows)
+    lm.auto_batch_size, lm.batch_size_per_device = True, 4
+    assert lm.answer_in_fitting_batches(contexts, visuals, settings, [False] * 5) == one_by_one
+    assert batches == [4, 2, 2, 1] and lm.batch_size_per_device == 2
+    lm.auto_batch_size, lm.batch_size_per_device = False, 4  # a batch size the user chose is not changed
+    with pytest.raises(torch.OutOfMemoryError):
+        lm.answer_in_fitting_batches(contexts, visuals, settings, [False] * 5)
+
+
 @pytest.fixture(scope="module")
 def task_folder(tmp_path_factory):
     """The shapes_vqa task with its data written by its own script (the first QUESTIONS held-out questions)."""
@@ -60,10 +114,10 @@ def task_folder(tmp_path_factory):
     return folder
 
 
-def run_lmms_eval(task_folder, output, launcher=()):
+def run_lmms_eval(task_folder, output, launcher=(), batch_size="8", model_args=""):
     command = [
-        *launcher, "-m", "lmms_eval", "--model", "dimple", "--model_args", f"pretrained={CHECKPOINT}",
-        "--batch_size", "8", "--tasks", "shapes_vqa", "--include_path", str(task_folder), "--log_samples",
+        *launcher, "-m", "lmms_eval", "--model", "dimple", "--model_args", f"pretrained={CHECKPOINT}{model_args}",
+        "--batch_size", batch_size, "--tasks", "shapes_vqa", "--include_path", str(task_folder), "--log_samples",
         "--output_path", str(output),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -91,10 +145,15 @@ def direct_answers():
 
 
 def test_lmms_eval_on_the_shapes_task_matches_direct_evaluation(task_folder, direct_answers, tmp_path):
-    results, answers, _ = run_lmms_eval(task_folder, tmp_path / "one", [sys.executable])
+    # --batch_size auto on CPU runs batch size 1; the task's alg (maskgit_plus) wins over --model_args alg=entropy.
+    results, answers, log = run_lmms_eval(
+        task_folder, tmp_path / "one", [sys.executable], batch_size="auto", model_args=",alg=entropy"
+    )
     texts, correct = direct_answers
     assert [answers[doc_id] for doc_id in range(QUESTIONS)] == texts
     assert results["exact_match,none"] == pytest.approx(sum(correct) / QUESTIONS)
+    assert "--batch_size auto on CPU" in log and "using batch size 1" in log
+    assert log.count("--model_args alg='entropy' is overridden") == 1 and "alg='maskgit_plus'" in log
 
 
 def test_two_processes_each_score_half_and_agree_with_one(task_folder, direct_answers, tmp_path):
@@ -103,5 +162,10 @@ def test_two_processes_each_score_half_and_agree_with_one(task_folder, direct_an
     texts, correct = direct_answers
     assert [answers[doc_id] for doc_id in range(QUESTIONS)] == texts
     assert results["exact_match,none"] == pytest.approx(sum(correct) / QUESTIONS)
-    for rank in (0, 1):  # the plugin logs each process's share
-        assert f"Dimple rank {rank}/2: {QUESTIONS // 2} questions" in log
+    shares = [PASSES_LOG.search(log[log.index(f"Dimple rank {rank}/2: ") :]).groups() for rank in (0, 1)]
+    assert [int(questions) for questions, _, _ in shares] == [QUESTIONS // 2] * 2  # each process's share
+    # Rank 0 logs all processes together, once.
+    [combined] = re.findall(r"Dimple, all 2 processes: (.*)", log)
+    questions, passes, tokens = map(int, PASSES_LOG.search(combined).groups())
+    assert questions == QUESTIONS
+    assert (passes, tokens) == tuple(sum(int(share[i]) for share in shares) for i in (1, 2))
