@@ -191,8 +191,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     def check_prompt_inputs(self, input_ids, attention_mask, visual: dict) -> None:
         """The checks of a user's prompt, made once where it comes in (`generate`, `diffusion_generate`).
 
-        `forward` embeds placeholder ids without pixels as text, as transformers' Qwen2.5-VL does; a prompt built
-        by the processor never has them without its pixels, so here they mean the images were forgotten.
+        `forward` embeds placeholder ids without pixels as text, as transformers' Qwen2.5-VL does. A vision block
+        (`<|vision_start|>` then a placeholder) is what the processor writes for an image or video, so one without
+        pixels means they were forgotten; a lone placeholder id (a sampled token, say) stays text.
         """
         check_attention_mask_values(attention_mask)
         if visual.get("inputs_embeds") is not None:
@@ -204,7 +205,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             ("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id, "video"),
         ):
             given = any(visual.get(key) is not None for key in (pixels_name, grid_name, features_name))
-            if not given and bool((input_ids == token_id).any()):
+            blocks = (input_ids[..., :-1] == self.config.vision_start_token_id) & (input_ids[..., 1:] == token_id)
+            if not given and bool(blocks.any()):
                 raise ValueError(
                     f"The prompt holds {name} placeholder tokens (id {token_id}) but no `{pixels_name}` was given; "
                     f"pass the processor's `{pixels_name}` and `{grid_name}` with the prompt."

@@ -123,6 +123,9 @@ def test_user_entry_points_refuse_placeholders_without_pixels(tiny_model, entry,
     pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
     with pytest.raises(ValueError, match=f"{kind} placeholder tokens \\(id {token_id}\\) but no `{pixels_name}`"):
         getattr(tiny_model, entry)(ids, max_new_tokens=2)
+    # A lone placeholder id, not opened by <|vision_start|> (a sampled token in a continued chat), stays text.
+    lone = torch.tensor([text(1, 3) + [token_id, config.vision_end_token_id]])
+    assert getattr(tiny_model, entry)(lone, max_new_tokens=2).shape == (1, lone.shape[1] + 2)
 
 
 # ----------------------------------------------------------------------------------- feature extraction
