@@ -1,7 +1,7 @@
 """The speed/quality dial as a figure: exact match and forward passes per answer token against the threshold γ.
 
-    OMP_NUM_THREADS=1 python bench/threshold_sweep.py            # 500 held-out questions (about 4 min), writes docs/threshold-sweep.png
-    python bench/threshold_sweep.py --questions 100 --json sweep.json   # a quicker look
+    OMP_NUM_THREADS=1 python bench/threshold_sweep.py      # 500 held-out questions, writes docs/threshold-sweep.png
+    python bench/threshold_sweep.py --questions 100 --json sweep.json      # a quicker look, and the points as JSON
 
 Confident decoding (`decoding_pipeline="dim"`) commits every slot whose probability exceeds γ (`alg_p_threshold`)
 and falls back to its time schedule when none does; "one token per step" (`alg_p_threshold=None`) is the reference.
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display: write the PNG only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -55,6 +56,11 @@ def draw(results: list[dict], questions: int, n: int, path: Path) -> None:
     passes_axis.axhline(reference["passes_per_answer_token"], color="tab:orange", linestyle=":",
                         label="passes / answer token (one token per step)")
     passes_axis.set_yscale("log")
+    passes_axis.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    passes_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    passes_axis.set_yticks([0.1, 0.2, 0.5, 1, 2, 5, 10])
+    passes_axis.set_ylim(0.1, 10)
+    accuracy_axis.set_ylim(80, 100)  # a zoomed axis would turn one question in 500 into a cliff
     accuracy_axis.set_xlabel("threshold γ (alg_p_threshold)")
     accuracy_axis.set_ylabel("exact match (%)", color="tab:blue")
     passes_axis.set_ylabel("forward passes per answer token (log)", color="tab:orange")
@@ -62,6 +68,7 @@ def draw(results: list[dict], questions: int, n: int, path: Path) -> None:
                             fontsize=10)
     lines = accuracy_axis.get_legend_handles_labels()[0] + passes_axis.get_legend_handles_labels()[0]
     accuracy_axis.legend(lines, [line.get_label() for line in lines], loc="center left", fontsize=8)
+    accuracy_axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -78,7 +85,8 @@ def markdown_table(results: list[dict]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="Checkpoint folder.")
-    parser.add_argument("--questions", type=int, default=500, help="Held-out questions per point (the README's held-out set).")
+    parser.add_argument("--questions", type=int, default=500,
+                        help="Held-out questions per point (500: the README's held-out set).")
     parser.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
