@@ -6,11 +6,14 @@ scratch working directory holding `checkpoints/` (a link to the repository's) an
 
 A block that names the released model runs on the shipped checkpoint with these substitutions (`RELEASED_MODEL`):
 "rp-yu/Dimple-7B" and "dimple-7b" -> "checkpoints/dimple-shapes", `.cuda()` -> CPU, `torch.bfloat16` ->
-`torch.float32`. A block that cannot run offline is preceded by `<!-- not-runnable: <the reason> -->`.
+`torch.float32`. A block that cannot run offline is preceded by `<!-- not-runnable: <the reason> -->`; a block that
+needs an optional package by `<!-- requires: torchao -->` (it runs where the package is installed, as in CI, and the
+page's test reports a skip where it is not, after running the page's other blocks).
 
 Links: relative targets must exist; a `#anchor` must name a heading of the target page (GitHub's slugs).
 """
 
+import importlib.util
 import os
 import random
 import re
@@ -34,6 +37,7 @@ RELEASED_MODEL = [
 ]
 FENCE = re.compile(r"^```(\w*)\s*$")
 NOT_RUNNABLE = re.compile(r"<!--\s*not-runnable:\s*(.*?)\s*-->")
+REQUIRES = re.compile(r"<!--\s*requires:\s*(.*?)\s*-->")
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|<img\s[^>]*src=\"([^\"]+)\"")
 SNIPPET_TIMEOUT_S = 600
 
@@ -46,8 +50,10 @@ def fenced_blocks(text: str) -> list[dict]:
         if open_block is None and fence:
             previous = next((earlier for earlier in reversed(lines[: number - 1]) if earlier.strip()), "")
             marker = NOT_RUNNABLE.search(previous)
+            requires = REQUIRES.search(previous)
             open_block = dict(language=fence.group(1), line=number + 1, code=[],
-                              not_runnable=marker.group(1) if marker else None)
+                              not_runnable=marker.group(1) if marker else None,
+                              requires=requires.group(1).replace(" ", "").split(",") if requires else [])
         elif open_block is not None and line.strip() == "```":
             blocks.append(dict(open_block, code="\n".join(open_block["code"])))
             open_block = None
@@ -141,8 +147,12 @@ PAGES_WITH_CODE = [page for page in PAGES if any(not b["not_runnable"] for b in 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=page_id)
 def test_python_blocks_of_the_page_run(page, tmp_path):
     blocks = [block for block in python_blocks(page) if not block["not_runnable"]]
-    result = run_page(page, blocks, scratch_directory(tmp_path))
+    missing = sorted({name for block in blocks for name in block["requires"] if importlib.util.find_spec(name) is None})
+    runnable = [block for block in blocks if not set(block["requires"]) & set(missing)]
+    result = run_page(page, runnable, scratch_directory(tmp_path))
     assert result.returncode == 0, f"a Python block of {page_id(page)} failed:\n{result.stderr[-4000:]}"
+    if missing:
+        pytest.skip(f"{len(blocks) - len(runnable)} block(s) of {page_id(page)} need {', '.join(missing)}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
