@@ -1,7 +1,7 @@
 """The documentation runs: every ```python block of README.md and docs/*.md, and every relative link and image.
 
 Blocks of one page run in order in one namespace (a page reads top to bottom, so a later block may use an earlier
-block's `model`), in one subprocess per page: repository root on `sys.path`, `HF_HUB_OFFLINE=1`, one thread, a
+block's `model`); all pages run in one subprocess (one torch import), each in its own namespace: repository root on `sys.path`, `HF_HUB_OFFLINE=1`, one thread, a
 scratch working directory holding `checkpoints/` (a link to the repository's) and `photo.jpg` (a shapes scene).
 
 A block that names the released model runs on the shipped checkpoint with these substitutions (`RELEASED_MODEL`):
@@ -14,6 +14,7 @@ Links: relative targets must exist; a `#anchor` must name a heading of the targe
 """
 
 import importlib.util
+import json
 import os
 import random
 import re
@@ -70,13 +71,25 @@ def runnable_source(code: str) -> str:
     return code
 
 
-def page_script(page: Path, blocks: list[dict]) -> str:
-    """One script that executes a page's blocks in order; tracebacks point at the page's own line numbers."""
-    calls = []
-    for block in blocks:
-        padded = "\n" * (block["line"] - 1) + runnable_source(block["code"])
-        calls.append(f"exec(compile({padded!r}, {str(page)!r}, 'exec'), namespace)")
-    return "namespace = {'__name__': '__main__'}\n" + "\n".join(calls) + "\n"
+def pages_script(pages: dict[Path, list[dict]], report: Path) -> str:
+    """One script that runs each page's blocks in order in the page's own namespace and writes each page's traceback
+    (or None) to `report`; tracebacks point at the pages' own line numbers."""
+    sources = {str(page): ["\n" * (block["line"] - 1) + runnable_source(block["code"]) for block in blocks]
+               for page, blocks in pages.items()}
+    return textwrap.dedent(f"""\
+        import json, traceback
+        failures = {{}}
+        for page, sources in {sources!r}.items():
+            namespace = {{"__name__": "__main__"}}
+            try:
+                for source in sources:
+                    exec(compile(source, page, "exec"), namespace)
+                failures[page] = None
+            except BaseException:
+                failures[page] = traceback.format_exc()
+        with open({str(report)!r}, "w") as report:
+            json.dump(failures, report)
+        """)
 
 
 def scratch_directory(tmp_path: Path) -> Path:
@@ -86,11 +99,22 @@ def scratch_directory(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_page(page: Path, blocks: list[dict], cwd: Path) -> subprocess.CompletedProcess:
+def run_pages(pages: dict[Path, list[dict]], cwd: Path) -> dict[str, str | None]:
+    """All pages in one subprocess (one torch import, not one per page): each page's traceback, or None."""
+    report = cwd.parent / f"{cwd.name}-report.json"
     environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg",
                        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-c", page_script(page, blocks)], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=SNIPPET_TIMEOUT_S)
+    result = subprocess.run([sys.executable, "-c", pages_script(pages, report)], cwd=cwd, env=environment,
+                            capture_output=True, text=True, timeout=SNIPPET_TIMEOUT_S)
+    assert report.exists(), f"the snippet runner itself failed:\n{result.stderr[-4000:]}"
+    return json.loads(report.read_text())
+
+
+def runnable_blocks(page: Path) -> tuple[list[dict], list[str]]:
+    """The blocks of a page to run here, and the optional packages whose blocks are left out for want of them."""
+    blocks = [block for block in python_blocks(page) if not block["not_runnable"]]
+    missing = sorted({name for block in blocks for name in block["requires"] if importlib.util.find_spec(name) is None})
+    return [block for block in blocks if not set(block["requires"]) & set(missing)], missing
 
 
 def python_blocks(page: Path) -> list[dict]:
@@ -144,15 +168,19 @@ def page_id(page: Path) -> str:
 PAGES_WITH_CODE = [page for page in PAGES if any(not b["not_runnable"] for b in python_blocks(page))]
 
 
+@pytest.fixture(scope="module")
+def page_failures(tmp_path_factory):
+    pages = {page: runnable_blocks(page)[0] for page in PAGES_WITH_CODE}
+    return run_pages(pages, scratch_directory(tmp_path_factory.mktemp("snippets")))
+
+
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=page_id)
-def test_python_blocks_of_the_page_run(page, tmp_path):
-    blocks = [block for block in python_blocks(page) if not block["not_runnable"]]
-    missing = sorted({name for block in blocks for name in block["requires"] if importlib.util.find_spec(name) is None})
-    runnable = [block for block in blocks if not set(block["requires"]) & set(missing)]
-    result = run_page(page, runnable, scratch_directory(tmp_path))
-    assert result.returncode == 0, f"a Python block of {page_id(page)} failed:\n{result.stderr[-4000:]}"
+def test_python_blocks_of_the_page_run(page, page_failures):
+    failure = page_failures[str(page)]
+    assert failure is None, f"a Python block of {page_id(page)} failed:\n{failure[-4000:]}"
+    blocks, missing = runnable_blocks(page)
     if missing:
-        pytest.skip(f"{len(blocks) - len(runnable)} block(s) of {page_id(page)} need {', '.join(missing)}")
+        pytest.skip(f"block(s) of {page_id(page)} not run: they need {', '.join(missing)}")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
@@ -185,11 +213,10 @@ def test_the_snippet_runner_reports_a_broken_block_at_its_line(tmp_path):
         assert answer == 42, "off by one"
         ```
         """))
-    blocks = [block for block in python_blocks(page) if not block["not_runnable"]]
-    result = run_page(page, blocks, tmp_path)
-    assert result.returncode != 0
-    assert f'File "{page}", line 13' in result.stderr and "off by one" in result.stderr
-    assert "never run" not in result.stderr
+    (tmp_path / "run").mkdir()
+    failure = run_pages({page: runnable_blocks(page)[0]}, tmp_path / "run")[str(page)]
+    assert f'File "{page}", line 13' in failure and "off by one" in failure
+    assert "never run" not in failure
 
 
 def test_the_released_model_runs_as_the_shipped_checkpoint_on_cpu():
@@ -206,4 +233,12 @@ def test_the_link_check_finds_missing_files_and_anchors(tmp_path):
         f"missing.md: {tmp_path / 'missing.md'} does not exist",
         f"pic.png: {tmp_path / 'pic.png'} does not exist",
         "other.md#nowhere: no heading with the anchor #nowhere in other.md",
+    ]
+
+
+def test_markers_before_a_block_are_read():
+    blocks = fenced_blocks("<!-- requires: torchao, gradio -->\n```python\npass\n```\n\n"
+                           "<!-- not-runnable: needs a GPU -->\n\n```python\npass\n```\n\n```python\npass\n```\n")
+    assert [(b["requires"], b["not_runnable"]) for b in blocks] == [
+        (["torchao", "gradio"], None), ([], "needs a GPU"), ([], None)
     ]
