@@ -448,8 +448,8 @@ def same_cpu_kernels() -> dict:
     """What a child process needs to sum in this process's order: a float sum's rounding depends on the threads that
     split it and on the CPU kernels (AVX2, AVX-512...) torch picked, so bit-identity holds only when both match."""
     env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    if "ATEN_CPU_CAPABILITY" in os.environ:
-        env["ATEN_CPU_CAPABILITY"] = os.environ["ATEN_CPU_CAPABILITY"]
+    # USE_HUB_KERNELS: without the `kernels` package, transformers >= 5.25 loads only with USE_HUB_KERNELS=NO.
+    env.update({name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "USE_HUB_KERNELS") if name in os.environ})
     return env
 
 

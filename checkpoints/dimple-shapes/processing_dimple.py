@@ -362,6 +362,7 @@ def load_dimple_tokenizer(pretrained_model_name_or_path, subfolder="", **kwargs)
     overrides = {key: config[key] for key in ("model_max_length", "chat_template") if config.get(key)}
     return build_dimple_tokenizer(*files, **overrides)
 
+
 def _token_id(tokenizer, token: str) -> int:
     """Id of `token`; a token the vocabulary lacks is an error, not a silent unk."""
     token_id = tokenizer.convert_tokens_to_ids(token)
