@@ -444,7 +444,7 @@ RELOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def same_cpu_kernels() -> dict:
+def child_env_for_identical_sums() -> dict:
     """What a child process needs to sum in this process's order: a float sum's rounding depends on the threads that
     split it and on the CPU kernels (AVX2, AVX-512...) torch picked, so bit-identity holds only when both match."""
     env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -466,7 +466,7 @@ def test_save_and_reload_in_a_fresh_offline_process(tmp_path):
     (legacy / "config.json").write_text(json.dumps(config))
     make_tiny_model().to(torch.bfloat16).save_pretrained(bf16)
 
-    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **same_cpu_kernels()}
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **child_env_for_identical_sums()}
     run = subprocess.run(
         [sys.executable, "-c", RELOAD_SCRIPT, str(plain), str(legacy), str(bf16)],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
