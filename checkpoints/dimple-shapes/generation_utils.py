@@ -38,12 +38,14 @@ ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_
 CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")  # rank slots by a confidence score
 RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
 PIPELINES = ("dim", "dream")
+# What `generate` runs: `diffusion` is `diffusion_generate`, `autoregressive` the standard left-to-right loop.
+DECODINGS = ("diffusion", "autoregressive")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 # The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
 DIFFUSION_DEFAULTS = dict(
     steps=512, eps=1e-3, alg="origin", alg_temp=None, alg_p_threshold=None, use_original_confidence=True,
-    decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
+    decoding_pipeline="dim", cache_refresh_interval=0, decoding="autoregressive", compile_step=False, output_history=False, mask_token_id=None,
 )  # fmt: skip
 # Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
 # standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
@@ -58,7 +60,7 @@ MAX_STEPS = 1_000_000  # the time grid is materialised: 10^9 steps would be a 4 
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
     max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
-    use_original_confidence=True, decoding_pipeline="dim", use_cache=True,
+    use_original_confidence=True, decoding_pipeline="dim", use_cache=True, decoding="diffusion",
 )
 
 
@@ -82,6 +84,10 @@ class DimpleGenerationConfig(GenerationConfig):
     `temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95, steps=N, max_new_tokens=N`.
 
     Args:
+        decoding (`str`, defaults to `"autoregressive"`): what `model.generate` runs: `"diffusion"` (this
+            decoding, as `diffusion_generate`) or `"autoregressive"` (transformers' left-to-right loop). Checkpoints
+            this package writes select `"diffusion"`; `generate(..., decoding="autoregressive")` switches one call.
+            `diffusion_generate` ignores it.
         max_new_tokens (`int`, *optional*): N, the number of answer slots. Without it (and without a
             `response_template`) the answer has `max_length - prompt_length` slots, or 20 when `max_length` is left
             at its default (the upstream rule).
@@ -193,6 +199,8 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("eps", "in (0, 1)")
         if self.alg not in ALGORITHMS:
             fail("alg", f"one of {ALGORITHMS}")
+        if self.decoding not in DECODINGS:
+            fail("decoding", f"one of {DECODINGS}")
         if self.decoding_pipeline not in PIPELINES:
             fail("decoding_pipeline", f"one of {PIPELINES}")
         if self.alg == "origin-ratio" and self.decoding_pipeline == "dream":
@@ -258,12 +266,13 @@ class DimpleDiffusionOutput(ModelOutput):
 
 class DiffusionTextStreamer(BaseStreamer):
     """
-    Prints the answer after every diffusion step, with still-masked slots shown as `placeholder`.
+    Prints every row of the batch after every diffusion step, with still-masked slots shown as `placeholder`.
 
-    `diffusion_generate` calls `put(canvas)` once per step with the whole answer canvas, a `[batch, N]` LongTensor in
-    which undecided slots hold the mask id, and `end()` once at the end. Each call replaces the previous text (unlike
-    a left-to-right `TextStreamer`, which appends). The latest texts are kept in `self.texts`; override `on_canvas` to
-    send them elsewhere (a UI, a log).
+    For what transformers' `TextDiffusionStreamer` does not do (batches, masks shown as `_`). It follows the same
+    protocol: `put(prompt)` first (skipped), `put_draft(canvas)` after each step with the `[batch, N]` answer canvas
+    (undecided slots hold the mask id), `put(answer)` once with the final answer, then `end()`. Each canvas replaces
+    the previous text. The latest texts are in `self.texts` (`self.final` once the answer is put); override
+    `on_canvas` to send them elsewhere (a UI, a log).
 
     Args:
         tokenizer: decodes the committed tokens.
@@ -285,6 +294,8 @@ class DiffusionTextStreamer(BaseStreamer):
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
         self.texts: list[str] = []
         self.steps = 0
+        self.prompt_seen = False
+        self.final = False
         self.finished = False
 
     def render(self, token_ids: list[int]) -> str:
@@ -301,18 +312,30 @@ class DiffusionTextStreamer(BaseStreamer):
                 pieces.append(self.placeholder)
         return "".join(pieces)
 
-    def put(self, value: torch.Tensor):
-        canvas = value.reshape(-1, value.shape[-1])
-        self.texts = [self.render(row) for row in canvas.tolist()]
+    def put_draft(self, value: torch.Tensor):
         self.steps += 1
-        self.on_canvas(self.texts, self.steps)
+        self._show(value)
+
+    def put(self, value: torch.Tensor):
+        """The prompt (first call, skipped), then the final answer."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.final = True
+        self._show(value)
 
     def end(self):
         self.finished = True
 
+    def _show(self, value: torch.Tensor):
+        canvas = value.reshape(-1, value.shape[-1])
+        self.texts = [self.render(row) for row in canvas.tolist()]
+        self.on_canvas(self.texts, self.steps)
+
     def on_canvas(self, texts: list[str], step: int):
+        label = "answer" if self.final else f"step {step}"
         for row, text in enumerate(texts):
-            prefix = f"[step {step}]" if len(texts) == 1 else f"[step {step}, row {row}]"
+            prefix = f"[{label}]" if len(texts) == 1 else f"[{label}, row {row}]"
             print(f"{prefix} {text}", flush=True)
 
 
@@ -771,8 +794,11 @@ class DimpleGenerationMixin(GenerationMixin):
                 every other id is fixed and never overwritten. The template sets the answer length exactly (N = its
                 length; shorter rows get pad filler slots that nothing attends to); an answer slot placed first is
                 filled first when confident.
-            streamer (`BaseStreamer`, *optional*): `put` receives the `[B, N]` answer canvas after every step (masked
-                slots hold the mask id); `end` is called once. See [`DiffusionTextStreamer`].
+            streamer (`BaseStreamer`, *optional*): transformers' diffusion protocol (DiffusionGemma's): `put(prompt)`
+                first, then `put_draft(canvas)` after every step when the streamer has that method (the `[B, N]`
+                answer canvas, masked slots holding the mask id), `put(answer)` once with the final `[B, N]` answer,
+                and `end()`. `TextStreamer`, `TextIteratorStreamer` and `TextDiffusionStreamer` work as they are (batch
+                size 1); [`DiffusionTextStreamer`] shows whole-batch canvases.
             generation_tokens_hook_func (`callable`, *optional*): `(step, x, logits) -> x`, called once before the
                 loop as `(None, x, None)` and after every step. `x` is always the full `[B, P + N]` sequence (with or
                 without the cache, prompts left-aligned) and the hook must return a LongTensor of that shape with the
@@ -804,7 +830,8 @@ class DimpleGenerationMixin(GenerationMixin):
               masks in the prompt are an error, and `streamer` is supported.
         """
         if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
-            raise TypeError(f"`streamer` needs `put(canvas)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
+            raise TypeError(f"`streamer` needs `put(tokens)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
+        draft = getattr(streamer, "put_draft", None) if streamer is not None else None
         max_length_passed = "max_length" in kwargs
         if inputs is not None and kwargs.get("input_ids") is not None:
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
@@ -813,6 +840,8 @@ class DimpleGenerationMixin(GenerationMixin):
         batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
+        if streamer is not None:
+            streamer.put(batch.prompt.cpu())  # transformers' protocol: the prompt first, as `generate` does
 
         rules = StepRules.from_config(config)
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
@@ -850,9 +879,10 @@ class DimpleGenerationMixin(GenerationMixin):
                 batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
             if config.output_history and config.return_dict_in_generate:
                 history.append(batch.sequences())
-            if streamer is not None:
-                streamer.put(batch.answer.cpu())
+            if callable(draft):
+                draft(batch.answer.cpu())
         if streamer is not None:
+            streamer.put(batch.answer.cpu())  # the final answer, once
             streamer.end()
 
         sequences = batch.sequences()
