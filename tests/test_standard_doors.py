@@ -2,6 +2,9 @@
 diffusion, transformers' streamers, end tokens, model cards."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -157,3 +160,17 @@ def test_shipped_and_assembled_cards_carry_hub_metadata(tmp_path):
     assert "Apache License" in (REPO_ROOT / "LICENSE").read_text()
     settings = json.loads((assembled / "generation_config.json").read_text())
     assert settings["decoding"] == "diffusion" and len(settings["eos_token_id"]) == 2
+
+
+def test_two_process_tensor_parallel_answers_like_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = str(REPO_ROOT / "tests" / "tp_answers.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    for name, command in (("two", torchrun), ("one", [sys.executable])):
+        run = subprocess.run([*command, script, str(tmp_path / f"{name}.json"), "12"], env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+    two, one = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one"))
+    assert (two["world_size"], two["sharded"]) == (2, True)  # the weights really were split across the processes
+    assert (one["world_size"], one["sharded"]) == (1, False)
+    assert two["answers"] == one["answers"] and len(one["answers"]) == 12
