@@ -15,7 +15,7 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 (spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
 
 One step of it is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`)
-says how many slots each row commits and a ranking (`RANKINGS[alg]`) which ones. With the prefill cache,
+says how many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones. With the prefill cache,
 [`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`. The autoregressive
 `generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
 """
@@ -23,6 +23,7 @@ says how many slots each row commits and a ranking (`RANKINGS[alg]`) which ones.
 import functools
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,6 @@ try:
 except ImportError:  # imported from the repository root rather than as remote code
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 
-ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
-CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")  # rank slots by a confidence score
-RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
 PIPELINES = ("dim", "dream")
 # What `generate` runs: `diffusion` is `diffusion_generate`, `autoregressive` the standard left-to-right loop.
 DECODINGS = ("diffusion", "autoregressive")
@@ -155,8 +153,8 @@ class DimpleGenerationConfig(GenerationConfig):
     @property
     def random_slots(self) -> bool:
         """Whether slots are chosen with the RNG: a random `alg`, or `alg_temp` > 0 with a confidence algorithm."""
-        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
-        return self.alg in RANDOM_ALGORITHMS or sampled_slots
+        algorithm = ALGORITHMS[self.alg]
+        return algorithm.random or (algorithm.by_confidence and self.alg_temp is not None and self.alg_temp > 0)
 
     @property
     def is_random(self) -> bool:
@@ -198,13 +196,14 @@ class DimpleGenerationConfig(GenerationConfig):
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             fail("eps", "in (0, 1)")
         if self.alg not in ALGORITHMS:
-            fail("alg", f"one of {ALGORITHMS}")
+            fail("alg", f"one of {tuple(ALGORITHMS)}")
         if self.decoding not in DECODINGS:
             fail("decoding", f"one of {DECODINGS}")
         if self.decoding_pipeline not in PIPELINES:
             fail("decoding_pipeline", f"one of {PIPELINES}")
-        if self.alg == "origin-ratio" and self.decoding_pipeline == "dream":
-            raise ValueError('`alg="origin-ratio"` exists only in the dim pipeline; use `decoding_pipeline="dim"`.')
+        if self.decoding_pipeline not in ALGORITHMS[self.alg].slot_counts:
+            pipelines = " or ".join(f'decoding_pipeline="{name}"' for name in ALGORITHMS[self.alg].slot_counts)
+            raise ValueError(f'`alg="{self.alg}"` does not exist in the {self.decoding_pipeline} pipeline; use {pipelines}.')
         if self.alg_p_threshold is not None and not 0 < self.alg_p_threshold <= 1:
             fail("alg_p_threshold", "in (0, 1], or None to disable confident decoding")
         if self.alg_temp is not None and self.alg_temp < 0:
@@ -237,8 +236,9 @@ class DimpleGenerationConfig(GenerationConfig):
             )
         if self.alg_p_threshold is not None and self.decoding_pipeline == "dream":
             messages.append("`alg_p_threshold` is ignored by the dream pipeline (it has no confident decoding).")
-        if self.alg_temp and self.alg not in CONFIDENCE_ALGORITHMS:
-            messages.append(f'`alg_temp` only affects {CONFIDENCE_ALGORITHMS}; it is ignored with alg="{self.alg}".')
+        if self.alg_temp and not ALGORITHMS[self.alg].by_confidence:
+            ranked = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.by_confidence)
+            messages.append(f'`alg_temp` only affects {ranked}; it is ignored with alg="{self.alg}".')
         if self.cache_refresh_interval and not self.use_cache:
             messages.append("`cache_refresh_interval` has no effect without `use_cache=True`.")
         return messages
@@ -396,10 +396,6 @@ def sample_tokens(
     return scored.gather(-1, tokens[..., None]).squeeze(-1), tokens
 
 
-def confidence_kind(alg: str) -> str:
-    return {"topk_margin": "margin", "entropy": "entropy"}.get(alg, "probability")
-
-
 # ------------------------------------------------------------------------------------------- one denoising step
 # A step decides, for every row at once, how many masked slots it commits (the schedule of the pipeline) and which
 # ones (the ranking of `alg`): `chosen = masked & (rank < count[:, None])`. Per-row quantities are tensors and
@@ -422,10 +418,12 @@ class StepRules:
     steps: int
     mask_token_id: int
     random_slots: bool  # the step reads its uniform draws
+    slot_count: str  # how the schedule counts this algorithm's slots: "schedule", "ratio" or "one" (see `Algorithm`)
 
     @classmethod
     def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
-        values = {name: getattr(config, name) for name in cls.__dataclass_fields__}
+        values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if name != "slot_count"}
+        values["slot_count"] = ALGORITHMS[config.alg].slot_counts[config.decoding_pipeline]
         values["temperature"] = values["temperature"] or 0.0
         # Dream's sampler always scores slots on the filtered distribution.
         values["use_original_confidence"] = config.use_original_confidence and config.decoding_pipeline == "dim"
@@ -448,43 +446,50 @@ class StepState:
         return self.masked.sum(1)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What one denoising step reads besides the canvas and its logits."""
+
+    step: torch.Tensor  # 0-d index of this step
+    total_masks: torch.LongTensor  # [B] masks each row started with
+    timesteps: torch.Tensor  # [steps + 1] linspace(1, eps, steps + 1)
+    draws: torch.Tensor  # [B, N] uniform numbers for the random rankings and schedules
+    rules: StepRules
+    noise: torch.Tensor | None = None  # [B, N, V] Exp(1) numbers for sampling tokens (temperature > 0)
+
+
 def denoising_step(
-    answer: torch.LongTensor,
-    logits: torch.Tensor,
-    step: torch.Tensor,
-    total_masks: torch.LongTensor,
-    timesteps: torch.Tensor,
-    draws: torch.Tensor,
-    rules: StepRules,
-    noise: torch.Tensor | None = None,
+    answer: torch.LongTensor, logits: torch.Tensor, inputs: StepInputs
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """One denoising step for the whole batch.
 
     The answer canvas `[B, N]` and its logits `[B, N, V]` give the new canvas and the number of slots each row
-    committed; a row without a mask is left as it is. `step` is a 0-d tensor, `draws` `[B, N]` uniform numbers for
-    the random rankings and schedules, `noise` `[B, N, V]` Exp(1) numbers for sampling tokens (temperature > 0).
+    committed; a row without a mask is left as it is.
     """
+    rules = inputs.rules
+    algorithm = ALGORITHMS[rules.alg]
     masked = answer == rules.mask_token_id
-    sampling = (rules.temperature, rules.top_p, rules.top_k, confidence_kind(rules.alg), rules.use_original_confidence)
-    confidence, tokens = sample_tokens(logits, *sampling, noise)
-    state = StepState(masked, confidence, draws, total_masks, step, timesteps)
+    sampling = (rules.temperature, rules.top_p, rules.top_k, algorithm.confidence, rules.use_original_confidence)
+    confidence, tokens = sample_tokens(logits, *sampling, inputs.noise)
+    state = StepState(masked, confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
     count, by_confidence = SCHEDULES[rules.decoding_pipeline](state, rules)
-    score = torch.where(by_confidence[:, None], confidence, RANKINGS[rules.alg](state, rules))
+    score = torch.where(by_confidence[:, None], confidence, algorithm.ranking(state, rules))
     chosen = masked & (rank_of_each_slot(score, masked) < count[:, None])
     return torch.where(chosen, tokens, answer), chosen.sum(1)
 
 
-def schedule_can_commit(answer, step, total_masks, timesteps, draws, rules: StepRules) -> bool:
+def schedule_can_commit(answer: torch.LongTensor, inputs: StepInputs) -> bool:
     """Whether some row may commit a slot this step, decided before the forward pass.
 
     Only the threshold of confident decoding reads the logits; every other count (dream's schedule, a ratio's draws,
     the fallback) is known in advance, so a step whose count is 0 for every row commits nothing and is not run.
     """
-    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.alg != "origin-ratio"):
+    rules = inputs.rules
+    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.slot_count != "ratio"):
         return True  # the threshold may fire, or the fallback commits at least one slot
     masked = answer == rules.mask_token_id
     no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
-    state = StepState(masked, no_confidence, draws, total_masks, step, timesteps)
+    state = StepState(masked, no_confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
     count, _ = SCHEDULES[rules.decoding_pipeline](state, rules)
     return bool((count > 0).any())
 
@@ -508,10 +513,10 @@ def dim_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, 
     """Confident decoding: every masked slot above the threshold; otherwise the re-anchored fallback count."""
     remaining = state.remaining
     count, s, ratio = reanchored_fallback(remaining, state.total_masks, state.step, state.timesteps)
-    if rules.alg == "origin-ratio":
+    if rules.slot_count == "ratio":
         share = torch.where(s > rules.eps, 1 - s / ratio, torch.ones_like(s))
         count = (state.masked & (state.draws < share[:, None])).sum(1)
-    elif rules.alg == "autoregressive":
+    elif rules.slot_count == "one":
         count = torch.ones_like(remaining)
     last_step = state.step == rules.steps - 1
     count = torch.where(last_step, remaining, count)
@@ -552,9 +557,9 @@ def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor
     here = state.step[None]  # a 1-element index: a 0-d one would read the step on the host
     t, s = state.timesteps[here], state.timesteps[here + 1]
     count = (remaining.float() * (1 - s / t)).long()
-    if rules.alg == "origin":
+    if rules.slot_count == "ratio":
         count = (state.masked & (state.draws < 1 - s / t)).sum(1)
-    elif rules.alg == "autoregressive":
+    elif rules.slot_count == "one":
         count = torch.ones_like(remaining)
     count = torch.where(state.step == rules.steps - 1, remaining, count)
     return count, torch.zeros_like(remaining, dtype=torch.bool)
@@ -584,13 +589,35 @@ def most_confident(state: StepState, rules: StepRules) -> torch.Tensor:
     return state.confidence.float() / rules.alg_temp + gumbel
 
 
-RANKINGS = {
-    "origin": random_order,
-    "origin-ratio": random_order,
-    "autoregressive": leftmost_first,
-    "maskgit_plus": most_confident,
-    "topk_margin": most_confident,
-    "entropy": most_confident,
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything an `alg` means, in one place.
+
+    Args:
+        confidence: what `sample_tokens` scores each slot's token by (`probability`, `margin` or `entropy`); the
+            threshold of confident decoding compares it.
+        ranking: which masked slots go first (a score per slot, higher first).
+        slot_counts: for each pipeline the algorithm exists in, how that pipeline's schedule counts the slots of a
+            step: `schedule` (its own count), `ratio` (each slot with the schedule's probability, drawn) or `one`.
+        random: whether the slots are chosen with the RNG.
+        by_confidence: whether the ranking follows the confidence (so `alg_temp` > 0 samples the order).
+    """
+
+    confidence: str
+    ranking: Callable[[StepState, StepRules], torch.Tensor]
+    slot_counts: Mapping[str, str]
+    random: bool = False
+    by_confidence: bool = False
+
+
+BOTH_SCHEDULES = {"dim": "schedule", "dream": "schedule"}
+ALGORITHMS = {
+    "origin": Algorithm("probability", random_order, {"dim": "schedule", "dream": "ratio"}, random=True),
+    "origin-ratio": Algorithm("probability", random_order, {"dim": "ratio"}, random=True),
+    "autoregressive": Algorithm("probability", leftmost_first, {"dim": "one", "dream": "one"}),
+    "maskgit_plus": Algorithm("probability", most_confident, BOTH_SCHEDULES, by_confidence=True),
+    "topk_margin": Algorithm("margin", most_confident, BOTH_SCHEDULES, by_confidence=True),
+    "entropy": Algorithm("entropy", most_confident, BOTH_SCHEDULES, by_confidence=True),
 }
 
 
@@ -733,7 +760,7 @@ class PrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, *step_inputs):
+def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: StepInputs):
     """A whole cached step: the last prompt token and the N answer slots against the cached prompt prefix (spec
     5.8), then [`denoising_step`]. Returns (new answer, slots committed per row, answer logits).
 
@@ -741,7 +768,7 @@ def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, *step_input
     once per call shape (`compile_step=True`).
     """
     logits = model._score_answer(batch, answer, batch.prompt_length - 1, prefix)
-    answer, committed = denoising_step(answer, logits, *step_inputs)
+    answer, committed = denoising_step(answer, logits, inputs)
     return answer, committed, logits
 
 
@@ -848,6 +875,7 @@ class DimpleGenerationMixin(GenerationMixin):
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
         cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
+        hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
         prefix = None
@@ -856,24 +884,15 @@ class DimpleGenerationMixin(GenerationMixin):
             if not active.any():
                 break
             draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
-            step_inputs = (step_index[step], total_masks, timesteps, draws, rules, noise)
-            hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
-            if not hooked and not schedule_can_commit(batch.answer, *step_inputs[:-1]):
-                answer, committed = batch.answer, torch.zeros_like(total_masks)  # no forward pass without effect
-                active = torch.zeros_like(active)
-            elif prefix is None or self._runs_whole_sequence(step, config) or generation_logits_hook_func is not None:
-                logits, prefix = self._answer_logits(batch, prefix, step, config)
-                if generation_logits_hook_func is not None:
-                    logits = check_hook_output(
-                        "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
-                    )
-                answer, committed = denoising_step(batch.answer, logits, *step_inputs)
-            else:
-                if config.compile_step and self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                answer, committed, logits = cached_pass(self, batch, prefix, batch.answer, *step_inputs)
-            batch.answer.copy_(answer)
-            forward_passes += active.long()
+            inputs = StepInputs(step_index[step], total_masks, timesteps, draws, rules, noise)
+            if hooked or schedule_can_commit(batch.answer, inputs):
+                answer, committed, logits, prefix = self._denoising_pass(
+                    batch, prefix, step, inputs, config, cached_pass, generation_logits_hook_func
+                )
+                batch.answer.copy_(answer)
+                forward_passes += active.long()
+            else:  # no forward pass without effect
+                committed, logits = torch.zeros_like(total_masks), None
             committed_per_step.append(committed.clone())
             if generation_tokens_hook_func is not None:
                 batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
@@ -894,6 +913,19 @@ class DimpleGenerationMixin(GenerationMixin):
             num_forward_passes=forward_passes,
             tokens_per_step=torch.stack(committed_per_step, dim=1) if committed_per_step else None,
         )
+
+    def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, cached_pass, logits_hook):
+        """One step: the forward pass (whole sequence, or the answer against the cached prompt, decided here once)
+        and [`denoising_step`]. Returns (new answer, slots committed per row, answer logits, prefix cache)."""
+        whole = prefix is None or self._runs_whole_sequence(step, config) or logits_hook is not None
+        if not whole:
+            if config.compile_step and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            return (*cached_pass(self, batch, prefix, batch.answer, inputs), prefix)
+        logits, prefix = self._answer_logits(batch, prefix, step, config)
+        if logits_hook is not None:
+            logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
+        return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
 
     def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
         """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json.
