@@ -99,7 +99,8 @@ def test_dream_schedule_counts_by_the_time_grid():
     counts = [dream_schedule(state_of([True] * 8, [0.5] * 8, step, step_rules), step_rules)[0].item()
               for step in range(4)]  # fmt: skip
     # k = int(8 * (1 - s / t)) on linspace(1, 1e-3, 5); the last step commits everything left
-    assert counts == [int(8 * (1 - 0.75024999 / 1)), int(8 * (1 - 0.5005 / 0.75025)), int(8 * (1 - 0.25075 / 0.5005)), 8]
+    grid = [1, 0.75025, 0.5005, 0.25075]
+    assert counts == [*(int(8 * (1 - s / t)) for t, s in zip(grid, grid[1:])), 8]
 
 
 def test_dream_origin_commits_the_slots_whose_draw_is_below_the_ratio():

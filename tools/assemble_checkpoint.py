@@ -7,9 +7,10 @@
 which is upstream's and needs transformers 4.46.2. The folder written here holds the released weights (copied as they
 are), the released config re-saved with an `auto_map` naming this package's classes, the processor rebuilt from the
 released tokenizer files (`vocab.json` + `merges.txt`; the released `tokenization_dimple.py` is not needed), a
-`generation_config.json` with the released chat settings, and this package's remote-code modules. No Python file of
-the source is copied. The folder loads offline with `AutoModel` / `AutoProcessor` (`trust_remote_code=True`) and can
-be pushed with `model.push_to_hub(...)` or `huggingface-cli upload`.
+`generation_config.json` with the released chat settings (`generate` decodes by diffusion and stops at either end
+token), this package's remote-code modules, the LICENSE and a model card (`README.md` with the Hub metadata). No
+Python file of the source is copied. The folder loads offline with `AutoModel` / `AutoProcessor`
+(`trust_remote_code=True`) and can be pushed with `model.push_to_hub(...)` or `huggingface-cli upload`.
 """
 
 import argparse
@@ -23,8 +24,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from configuration_dimple import AUTO_MAP, DimpleConfig  # noqa: E402
-from model_card import write_model_card  # noqa: E402
 from generation_utils import RELEASED_CHAT_SETTINGS, DimpleGenerationConfig  # noqa: E402
+from model_card import write_model_card  # noqa: E402
 from processing_dimple import EOS_TOKEN, PAD_TOKEN, DimpleProcessor  # noqa: E402
 
 # The package's remote code: every module a checkpoint folder needs (they import each other relatively).
@@ -65,7 +66,7 @@ def source_folder(source: str) -> Path:
 
 def assemble(source: str | Path, output: str | Path) -> Path:
     """Write `output`: the source's weights and settings with this package's code. Returns the folder."""
-    source_name = source
+    base_model = base_model_id(str(source))
     source, output = source_folder(str(source)), Path(output)
     weights = [path for pattern in WEIGHT_PATTERNS for path in source.glob(pattern)]
     if not weights:
@@ -88,7 +89,7 @@ def assemble(source: str | Path, output: str | Path) -> Path:
     for name in REMOTE_CODE_FILES:
         shutil.copy2(REPO_ROOT / name, output / name)
     shutil.copy2(REPO_ROOT / "LICENSE", output / "LICENSE")
-    write_model_card(output, kind="released", base_model=base_model_id(str(source_name)))
+    write_model_card(output, kind="released", base_model=base_model)
     return output
 
 

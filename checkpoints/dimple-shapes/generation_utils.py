@@ -15,8 +15,9 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 (spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
 
 One step of it is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`)
-says how many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones. With the prefill cache,
-[`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`. The autoregressive
+says how many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones.
+With the prefill cache, [`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`.
+The autoregressive
 `generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
 """
 
@@ -43,7 +44,8 @@ SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 # The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
 DIFFUSION_DEFAULTS = dict(
     steps=512, eps=1e-3, alg="origin", alg_temp=None, alg_p_threshold=None, use_original_confidence=True,
-    decoding_pipeline="dim", cache_refresh_interval=0, decoding="autoregressive", compile_step=False, output_history=False, mask_token_id=None,
+    decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
+    decoding="autoregressive",
 )  # fmt: skip
 # Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
 # standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
@@ -203,7 +205,9 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("decoding_pipeline", f"one of {PIPELINES}")
         if self.decoding_pipeline not in ALGORITHMS[self.alg].slot_counts:
             pipelines = " or ".join(f'decoding_pipeline="{name}"' for name in ALGORITHMS[self.alg].slot_counts)
-            raise ValueError(f'`alg="{self.alg}"` does not exist in the {self.decoding_pipeline} pipeline; use {pipelines}.')
+            raise ValueError(
+                f'`alg="{self.alg}"` does not exist in the {self.decoding_pipeline} pipeline; use {pipelines}.'
+            )
         if self.alg_p_threshold is not None and not 0 < self.alg_p_threshold <= 1:
             fail("alg_p_threshold", "in (0, 1], or None to disable confident decoding")
         if self.alg_temp is not None and self.alg_temp < 0:
