@@ -15,14 +15,16 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 (spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
 
 One step of it is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`)
-says how many slots each row commits and a ranking (`RANKINGS[alg]`) which ones. With the prefill cache,
-[`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`. The autoregressive
+says how many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones.
+With the prefill cache, [`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`.
+The autoregressive
 `generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
 """
 
 import functools
 import math
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,16 +38,16 @@ except ImportError:  # no parent package: imported from the repository root rath
         raise
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 
-ALGORITHMS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
-CONFIDENCE_ALGORITHMS = ("maskgit_plus", "topk_margin", "entropy")  # rank slots by a confidence score
-RANDOM_ALGORITHMS = ("origin", "origin-ratio")  # choose slots with the RNG
 PIPELINES = ("dim", "dream")
+# What `generate` runs: `diffusion` is `diffusion_generate`, `autoregressive` the standard left-to-right loop.
+DECODINGS = ("diffusion", "autoregressive")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
 # The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
 DIFFUSION_DEFAULTS = dict(
     steps=512, eps=1e-3, alg="origin", alg_temp=None, alg_p_threshold=None, use_original_confidence=True,
     decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
+    decoding="autoregressive",
 )  # fmt: skip
 # Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
 # standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
@@ -60,7 +62,7 @@ MAX_STEPS = 1_000_000  # the time grid is materialised: 10^9 steps would be a 4 
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
     max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
-    use_original_confidence=True, decoding_pipeline="dim", use_cache=True,
+    use_original_confidence=True, decoding_pipeline="dim", use_cache=True, decoding="diffusion",
 )
 
 
@@ -84,6 +86,10 @@ class DimpleGenerationConfig(GenerationConfig):
     `temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95, steps=N, max_new_tokens=N`.
 
     Args:
+        decoding (`str`, defaults to `"autoregressive"`): what `model.generate` runs: `"diffusion"` (this
+            decoding, as `diffusion_generate`) or `"autoregressive"` (transformers' left-to-right loop). Checkpoints
+            this package writes select `"diffusion"`; `generate(..., decoding="autoregressive")` switches one call.
+            `diffusion_generate` ignores it.
         max_new_tokens (`int`, *optional*): N, the number of answer slots. Without it (and without a
             `response_template`) the answer has `max_length - prompt_length` slots, or 20 when `max_length` is left
             at its default (the upstream rule).
@@ -151,8 +157,8 @@ class DimpleGenerationConfig(GenerationConfig):
     @property
     def random_slots(self) -> bool:
         """Whether slots are chosen with the RNG: a random `alg`, or `alg_temp` > 0 with a confidence algorithm."""
-        sampled_slots = self.alg_temp is not None and self.alg_temp > 0 and self.alg in CONFIDENCE_ALGORITHMS
-        return self.alg in RANDOM_ALGORITHMS or sampled_slots
+        algorithm = ALGORITHMS[self.alg]
+        return algorithm.random or (algorithm.by_confidence and self.alg_temp is not None and self.alg_temp > 0)
 
     @property
     def is_random(self) -> bool:
@@ -194,11 +200,16 @@ class DimpleGenerationConfig(GenerationConfig):
         if not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
             fail("eps", "in (0, 1)")
         if self.alg not in ALGORITHMS:
-            fail("alg", f"one of {ALGORITHMS}")
+            fail("alg", f"one of {tuple(ALGORITHMS)}")
+        if self.decoding not in DECODINGS:
+            fail("decoding", f"one of {DECODINGS}")
         if self.decoding_pipeline not in PIPELINES:
             fail("decoding_pipeline", f"one of {PIPELINES}")
-        if self.alg == "origin-ratio" and self.decoding_pipeline == "dream":
-            raise ValueError('`alg="origin-ratio"` exists only in the dim pipeline; use `decoding_pipeline="dim"`.')
+        if self.decoding_pipeline not in ALGORITHMS[self.alg].slot_counts:
+            pipelines = " or ".join(f'decoding_pipeline="{name}"' for name in ALGORITHMS[self.alg].slot_counts)
+            raise ValueError(
+                f'`alg="{self.alg}"` does not exist in the {self.decoding_pipeline} pipeline; use {pipelines}.'
+            )
         if self.alg_p_threshold is not None and not 0 < self.alg_p_threshold <= 1:
             fail("alg_p_threshold", "in (0, 1], or None to disable confident decoding")
         if self.alg_temp is not None and self.alg_temp < 0:
@@ -231,8 +242,9 @@ class DimpleGenerationConfig(GenerationConfig):
             )
         if self.alg_p_threshold is not None and self.decoding_pipeline == "dream":
             messages.append("`alg_p_threshold` is ignored by the dream pipeline (it has no confident decoding).")
-        if self.alg_temp and self.alg not in CONFIDENCE_ALGORITHMS:
-            messages.append(f'`alg_temp` only affects {CONFIDENCE_ALGORITHMS}; it is ignored with alg="{self.alg}".')
+        if self.alg_temp and not ALGORITHMS[self.alg].by_confidence:
+            ranked = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.by_confidence)
+            messages.append(f'`alg_temp` only affects {ranked}; it is ignored with alg="{self.alg}".')
         if self.cache_refresh_interval and not self.use_cache:
             messages.append("`cache_refresh_interval` has no effect without `use_cache=True`.")
         return messages
@@ -260,12 +272,13 @@ class DimpleDiffusionOutput(ModelOutput):
 
 class DiffusionTextStreamer(BaseStreamer):
     """
-    Prints the answer after every diffusion step, with still-masked slots shown as `placeholder`.
+    Prints every row of the batch after every diffusion step, with still-masked slots shown as `placeholder`.
 
-    `diffusion_generate` calls `put(canvas)` once per step with the whole answer canvas, a `[batch, N]` LongTensor in
-    which undecided slots hold the mask id, and `end()` once at the end. Each call replaces the previous text (unlike
-    a left-to-right `TextStreamer`, which appends). The latest texts are kept in `self.texts`; override `on_canvas` to
-    send them elsewhere (a UI, a log).
+    For what transformers' `TextDiffusionStreamer` does not do (batches, masks shown as `_`). It follows the same
+    protocol: `put(prompt)` first (skipped), `put_draft(canvas)` after each step with the `[batch, N]` answer canvas
+    (undecided slots hold the mask id), `put(answer)` once with the final answer, then `end()`. Each canvas replaces
+    the previous text. The latest texts are in `self.texts` (`self.final` once the answer is put); override
+    `on_canvas` to send them elsewhere (a UI, a log).
 
     Args:
         tokenizer: decodes the committed tokens.
@@ -287,6 +300,8 @@ class DiffusionTextStreamer(BaseStreamer):
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
         self.texts: list[str] = []
         self.steps = 0
+        self.prompt_seen = False
+        self.final = False
         self.finished = False
 
     def render(self, token_ids: list[int]) -> str:
@@ -303,18 +318,30 @@ class DiffusionTextStreamer(BaseStreamer):
                 pieces.append(self.placeholder)
         return "".join(pieces)
 
-    def put(self, value: torch.Tensor):
-        canvas = value.reshape(-1, value.shape[-1])
-        self.texts = [self.render(row) for row in canvas.tolist()]
+    def put_draft(self, value: torch.Tensor):
         self.steps += 1
-        self.on_canvas(self.texts, self.steps)
+        self._show(value)
+
+    def put(self, value: torch.Tensor):
+        """The prompt (first call, skipped), then the final answer."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.final = True
+        self._show(value)
 
     def end(self):
         self.finished = True
 
+    def _show(self, value: torch.Tensor):
+        canvas = value.reshape(-1, value.shape[-1])
+        self.texts = [self.render(row) for row in canvas.tolist()]
+        self.on_canvas(self.texts, self.steps)
+
     def on_canvas(self, texts: list[str], step: int):
+        label = "answer" if self.final else f"step {step}"
         for row, text in enumerate(texts):
-            prefix = f"[step {step}]" if len(texts) == 1 else f"[step {step}, row {row}]"
+            prefix = f"[{label}]" if len(texts) == 1 else f"[{label}, row {row}]"
             print(f"{prefix} {text}", flush=True)
 
 
@@ -375,10 +402,6 @@ def sample_tokens(
     return scored.gather(-1, tokens[..., None]).squeeze(-1), tokens
 
 
-def confidence_kind(alg: str) -> str:
-    return {"topk_margin": "margin", "entropy": "entropy"}.get(alg, "probability")
-
-
 # ------------------------------------------------------------------------------------------- one denoising step
 # A step decides, for every row at once, how many masked slots it commits (the schedule of the pipeline) and which
 # ones (the ranking of `alg`): `chosen = masked & (rank < count[:, None])`. Per-row quantities are tensors and
@@ -401,10 +424,12 @@ class StepRules:
     steps: int
     mask_token_id: int
     random_slots: bool  # the step reads its uniform draws
+    slot_count: str  # how the schedule counts this algorithm's slots: "schedule", "ratio" or "one" (see `Algorithm`)
 
     @classmethod
     def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
-        values = {name: getattr(config, name) for name in cls.__dataclass_fields__}
+        values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if name != "slot_count"}
+        values["slot_count"] = ALGORITHMS[config.alg].slot_counts[config.decoding_pipeline]
         values["temperature"] = values["temperature"] or 0.0
         # Dream's sampler always scores slots on the filtered distribution.
         values["use_original_confidence"] = config.use_original_confidence and config.decoding_pipeline == "dim"
@@ -427,43 +452,50 @@ class StepState:
         return self.masked.sum(1)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What one denoising step reads besides the canvas and its logits."""
+
+    step: torch.Tensor  # 0-d index of this step
+    total_masks: torch.LongTensor  # [B] masks each row started with
+    timesteps: torch.Tensor  # [steps + 1] linspace(1, eps, steps + 1)
+    draws: torch.Tensor  # [B, N] uniform numbers for the random rankings and schedules
+    rules: StepRules
+    noise: torch.Tensor | None = None  # [B, N, V] Exp(1) numbers for sampling tokens (temperature > 0)
+
+
 def denoising_step(
-    answer: torch.LongTensor,
-    logits: torch.Tensor,
-    step: torch.Tensor,
-    total_masks: torch.LongTensor,
-    timesteps: torch.Tensor,
-    draws: torch.Tensor,
-    rules: StepRules,
-    noise: torch.Tensor | None = None,
+    answer: torch.LongTensor, logits: torch.Tensor, inputs: StepInputs
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """One denoising step for the whole batch.
 
     The answer canvas `[B, N]` and its logits `[B, N, V]` give the new canvas and the number of slots each row
-    committed; a row without a mask is left as it is. `step` is a 0-d tensor, `draws` `[B, N]` uniform numbers for
-    the random rankings and schedules, `noise` `[B, N, V]` Exp(1) numbers for sampling tokens (temperature > 0).
+    committed; a row without a mask is left as it is.
     """
+    rules = inputs.rules
+    algorithm = ALGORITHMS[rules.alg]
     masked = answer == rules.mask_token_id
-    sampling = (rules.temperature, rules.top_p, rules.top_k, confidence_kind(rules.alg), rules.use_original_confidence)
-    confidence, tokens = sample_tokens(logits, *sampling, noise)
-    state = StepState(masked, confidence, draws, total_masks, step, timesteps)
+    sampling = (rules.temperature, rules.top_p, rules.top_k, algorithm.confidence, rules.use_original_confidence)
+    confidence, tokens = sample_tokens(logits, *sampling, inputs.noise)
+    state = StepState(masked, confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
     count, by_confidence = SCHEDULES[rules.decoding_pipeline](state, rules)
-    score = torch.where(by_confidence[:, None], confidence, RANKINGS[rules.alg](state, rules))
+    score = torch.where(by_confidence[:, None], confidence, algorithm.ranking(state, rules))
     chosen = masked & (rank_of_each_slot(score, masked) < count[:, None])
     return torch.where(chosen, tokens, answer), chosen.sum(1)
 
 
-def schedule_can_commit(answer, step, total_masks, timesteps, draws, rules: StepRules) -> bool:
+def schedule_can_commit(answer: torch.LongTensor, inputs: StepInputs) -> bool:
     """Whether some row may commit a slot this step, decided before the forward pass.
 
     Only the threshold of confident decoding reads the logits; every other count (dream's schedule, a ratio's draws,
     the fallback) is known in advance, so a step whose count is 0 for every row commits nothing and is not run.
     """
-    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.alg != "origin-ratio"):
+    rules = inputs.rules
+    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.slot_count != "ratio"):
         return True  # the threshold may fire, or the fallback commits at least one slot
     masked = answer == rules.mask_token_id
     no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
-    state = StepState(masked, no_confidence, draws, total_masks, step, timesteps)
+    state = StepState(masked, no_confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
     count, _ = SCHEDULES[rules.decoding_pipeline](state, rules)
     return bool((count > 0).any())
 
@@ -487,10 +519,10 @@ def dim_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, 
     """Confident decoding: every masked slot above the threshold; otherwise the re-anchored fallback count."""
     remaining = state.remaining
     count, s, ratio = reanchored_fallback(remaining, state.total_masks, state.step, state.timesteps)
-    if rules.alg == "origin-ratio":
+    if rules.slot_count == "ratio":
         share = torch.where(s > rules.eps, 1 - s / ratio, torch.ones_like(s))
         count = (state.masked & (state.draws < share[:, None])).sum(1)
-    elif rules.alg == "autoregressive":
+    elif rules.slot_count == "one":
         count = torch.ones_like(remaining)
     last_step = state.step == rules.steps - 1
     count = torch.where(last_step, remaining, count)
@@ -531,9 +563,9 @@ def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor
     here = state.step[None]  # a 1-element index: a 0-d one would read the step on the host
     t, s = state.timesteps[here], state.timesteps[here + 1]
     count = (remaining.float() * (1 - s / t)).long()
-    if rules.alg == "origin":
+    if rules.slot_count == "ratio":
         count = (state.masked & (state.draws < 1 - s / t)).sum(1)
-    elif rules.alg == "autoregressive":
+    elif rules.slot_count == "one":
         count = torch.ones_like(remaining)
     count = torch.where(state.step == rules.steps - 1, remaining, count)
     return count, torch.zeros_like(remaining, dtype=torch.bool)
@@ -563,13 +595,35 @@ def most_confident(state: StepState, rules: StepRules) -> torch.Tensor:
     return state.confidence.float() / rules.alg_temp + gumbel
 
 
-RANKINGS = {
-    "origin": random_order,
-    "origin-ratio": random_order,
-    "autoregressive": leftmost_first,
-    "maskgit_plus": most_confident,
-    "topk_margin": most_confident,
-    "entropy": most_confident,
+@dataclass(frozen=True)
+class Algorithm:
+    """Everything an `alg` means, in one place.
+
+    Args:
+        confidence: what `sample_tokens` scores each slot's token by (`probability`, `margin` or `entropy`); the
+            threshold of confident decoding compares it.
+        ranking: which masked slots go first (a score per slot, higher first).
+        slot_counts: for each pipeline the algorithm exists in, how that pipeline's schedule counts the slots of a
+            step: `schedule` (its own count), `ratio` (each slot with the schedule's probability, drawn) or `one`.
+        random: whether the slots are chosen with the RNG.
+        by_confidence: whether the ranking follows the confidence (so `alg_temp` > 0 samples the order).
+    """
+
+    confidence: str
+    ranking: Callable[[StepState, StepRules], torch.Tensor]
+    slot_counts: Mapping[str, str]
+    random: bool = False
+    by_confidence: bool = False
+
+
+BOTH_SCHEDULES = {"dim": "schedule", "dream": "schedule"}
+ALGORITHMS = {
+    "origin": Algorithm("probability", random_order, {"dim": "schedule", "dream": "ratio"}, random=True),
+    "origin-ratio": Algorithm("probability", random_order, {"dim": "ratio"}, random=True),
+    "autoregressive": Algorithm("probability", leftmost_first, {"dim": "one", "dream": "one"}),
+    "maskgit_plus": Algorithm("probability", most_confident, BOTH_SCHEDULES, by_confidence=True),
+    "topk_margin": Algorithm("margin", most_confident, BOTH_SCHEDULES, by_confidence=True),
+    "entropy": Algorithm("entropy", most_confident, BOTH_SCHEDULES, by_confidence=True),
 }
 
 
@@ -712,7 +766,7 @@ class PrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
-def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, *step_inputs):
+def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: StepInputs):
     """A whole cached step: the last prompt token and the N answer slots against the cached prompt prefix (spec
     5.8), then [`denoising_step`]. Returns (new answer, slots committed per row, answer logits).
 
@@ -720,7 +774,7 @@ def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, *step_input
     once per call shape (`compile_step=True`).
     """
     logits = model._score_answer(batch, answer, batch.prompt_length - 1, prefix)
-    answer, committed = denoising_step(answer, logits, *step_inputs)
+    answer, committed = denoising_step(answer, logits, inputs)
     return answer, committed, logits
 
 
@@ -773,8 +827,11 @@ class DimpleGenerationMixin(GenerationMixin):
                 every other id is fixed and never overwritten. The template sets the answer length exactly (N = its
                 length; shorter rows get pad filler slots that nothing attends to); an answer slot placed first is
                 filled first when confident.
-            streamer (`BaseStreamer`, *optional*): `put` receives the `[B, N]` answer canvas after every step (masked
-                slots hold the mask id); `end` is called once. See [`DiffusionTextStreamer`].
+            streamer (`BaseStreamer`, *optional*): transformers' diffusion protocol (DiffusionGemma's): `put(prompt)`
+                first, then `put_draft(canvas)` after every step when the streamer has that method (the `[B, N]`
+                answer canvas, masked slots holding the mask id), `put(answer)` once with the final `[B, N]` answer,
+                and `end()`. `TextStreamer`, `TextIteratorStreamer` and `TextDiffusionStreamer` work as they are (batch
+                size 1); [`DiffusionTextStreamer`] shows whole-batch canvases.
             generation_tokens_hook_func (`callable`, *optional*): `(step, x, logits) -> x`, called once before the
                 loop as `(None, x, None)` and after every step. `x` is always the full `[B, P + N]` sequence (with or
                 without the cache, prompts left-aligned) and the hook must return a LongTensor of that shape with the
@@ -806,7 +863,8 @@ class DimpleGenerationMixin(GenerationMixin):
               masks in the prompt are an error, and `streamer` is supported.
         """
         if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
-            raise TypeError(f"`streamer` needs `put(canvas)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
+            raise TypeError(f"`streamer` needs `put(tokens)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
+        draft = getattr(streamer, "put_draft", None) if streamer is not None else None
         max_length_passed = "max_length" in kwargs
         if inputs is not None and kwargs.get("input_ids") is not None:
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
@@ -816,12 +874,15 @@ class DimpleGenerationMixin(GenerationMixin):
         batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
+        if streamer is not None:
+            streamer.put(batch.prompt.cpu())  # transformers' protocol: the prompt first, as `generate` does
 
         rules = StepRules.from_config(config)
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
         cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
+        hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
         prefix = None
@@ -830,32 +891,24 @@ class DimpleGenerationMixin(GenerationMixin):
             if not active.any():
                 break
             draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
-            step_inputs = (step_index[step], total_masks, timesteps, draws, rules, noise)
-            hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
-            if not hooked and not schedule_can_commit(batch.answer, *step_inputs[:-1]):
-                answer, committed = batch.answer, torch.zeros_like(total_masks)  # no forward pass without effect
-                active = torch.zeros_like(active)
-            elif prefix is None or self._runs_whole_sequence(step, config) or generation_logits_hook_func is not None:
-                logits, prefix = self._answer_logits(batch, prefix, step, config)
-                if generation_logits_hook_func is not None:
-                    logits = check_hook_output(
-                        "generation_logits_hook_func", generation_logits_hook_func(step, batch.x, logits), logits
-                    )
-                answer, committed = denoising_step(batch.answer, logits, *step_inputs)
-            else:
-                if config.compile_step and self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                answer, committed, logits = cached_pass(self, batch, prefix, batch.answer, *step_inputs)
-            batch.answer.copy_(answer)
-            forward_passes += active.long()
+            inputs = StepInputs(step_index[step], total_masks, timesteps, draws, rules, noise)
+            if hooked or schedule_can_commit(batch.answer, inputs):
+                answer, committed, logits, prefix = self._denoising_pass(
+                    batch, prefix, step, inputs, config, cached_pass, generation_logits_hook_func
+                )
+                batch.answer.copy_(answer)
+                forward_passes += active.long()
+            else:  # no forward pass without effect
+                committed, logits = torch.zeros_like(total_masks), None
             committed_per_step.append(committed.clone())
             if generation_tokens_hook_func is not None:
                 batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
             if config.output_history and config.return_dict_in_generate:
                 history.append(batch.sequences())
-            if streamer is not None:
-                streamer.put(batch.answer.cpu())
+            if callable(draft):
+                draft(batch.answer.cpu())
         if streamer is not None:
+            streamer.put(batch.answer.cpu())  # the final answer, once
             streamer.end()
 
         sequences = batch.sequences()
@@ -867,6 +920,19 @@ class DimpleGenerationMixin(GenerationMixin):
             num_forward_passes=forward_passes,
             tokens_per_step=torch.stack(committed_per_step, dim=1) if committed_per_step else None,
         )
+
+    def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, cached_pass, logits_hook):
+        """One step: the forward pass (whole sequence, or the answer against the cached prompt, decided here once)
+        and [`denoising_step`]. Returns (new answer, slots committed per row, answer logits, prefix cache)."""
+        whole = prefix is None or self._runs_whole_sequence(step, config) or logits_hook is not None
+        if not whole:
+            if config.compile_step and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            return (*cached_pass(self, batch, prefix, batch.answer, inputs), prefix)
+        logits, prefix = self._answer_logits(batch, prefix, step, config)
+        if logits_hook is not None:
+            logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
+        return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
 
     def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
         """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json.

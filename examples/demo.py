@@ -7,8 +7,9 @@ Prints each answer, the number of forward passes it took and the canvas after ev
 `_`), asks one question with a structure prior (fixed tokens among the masks), and saves the image and a picture of
 the denoising progression under `outputs/`.
 
-Settings: a checkpoint whose `generation_config.json` holds diffusion settings (the shipped shapes model: greedy
-confident decoding, threshold 0.9, prefill cache, N = steps = 32) is run with them; other checkpoints, such as the
+Settings: a checkpoint whose `generation_config.json` selects diffusion decoding (`"decoding": "diffusion"`; the
+shipped shapes model: greedy confident decoding, threshold 0.9, prefill cache, N = steps = 32) is run with them;
+other checkpoints, such as the
 released Dimple-7B, get the released chat settings (N = steps = 64, temperature 0.2, top-p 0.95, top-k 50,
 alg "origin", threshold 0.95, prefill cache). On a GPU the model runs in bfloat16.
 """
@@ -60,8 +61,8 @@ def load(model_id):
 
 
 def decoding_options(model) -> dict:
-    """The checkpoint's own diffusion settings when it has them, else the released chat settings."""
-    if getattr(model.generation_config, "alg_p_threshold", None):
+    """The checkpoint's own settings when they select diffusion decoding, else the released chat settings."""
+    if getattr(model.generation_config, "decoding", None) == "diffusion":
         return {}
     return dict(RELEASED_CHAT_SETTINGS)
 
@@ -74,7 +75,8 @@ def answer(model, processor, image, question, options, template=None, note=None)
     if template:
         extra.update(response_template=processor.encode_response_template(template), max_new_tokens=None)
     start = time.perf_counter()
-    output = model.diffusion_generate(**inputs, **extra, output_history=True, return_dict_in_generate=True)
+    # `generate` decodes by diffusion: the options (or the checkpoint's generation config) say `decoding="diffusion"`.
+    output = model.generate(**inputs, **extra, output_history=True, return_dict_in_generate=True)
     seconds = time.perf_counter() - start
     prompt_length = inputs["input_ids"].shape[1]
     canvas = DiffusionTextStreamer(processor.tokenizer, mask_token_id=processor.mask_token_id)

@@ -125,7 +125,9 @@ def generation_config(config: DimpleConfig) -> DimpleGenerationConfig:
         mask_token_id=config.mask_token_id,
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
+        # Answers end with `<|endoftext|>` (the pad id) or `<|im_end|>`: `generate` stops at either.
+        eos_token_id=[config.pad_token_id, config.eos_token_id],
+        decoding="diffusion",
     )
 
 

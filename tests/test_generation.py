@@ -512,17 +512,22 @@ def test_bad_hooks_are_reported(tiny_model):
 
 
 class RecordingStreamer(BaseStreamer):
+    """transformers' diffusion streamer protocol, recorded: `put` (prompt, then answer), `put_draft`, `end`."""
+
     def __init__(self):
-        self.values, self.ended = [], 0
+        self.puts, self.drafts, self.ended = [], [], 0
 
     def put(self, value):
-        self.values.append(value.clone())
+        self.puts.append(value.clone())
+
+    def put_draft(self, value):
+        self.drafts.append(value.clone())
 
     def end(self):
         self.ended += 1
 
 
-def test_streamer_history_and_forward_counts_agree(tiny_model):
+def test_streamer_gets_prompt_drafts_answer_end(tiny_model):
     streamer = RecordingStreamer()
     ids, mask = left_pad([PROMPT, [8]], PAD)
     out = tiny_model.diffusion_generate(
@@ -537,11 +542,19 @@ def test_streamer_history_and_forward_counts_agree(tiny_model):
         generation_logits_hook_func=plant(planted([[0.95] * 6, [0.5] * 6])),
     )
     steps_run = out.tokens_per_step.shape[1]
-    assert len(streamer.values) == len(out.history) == steps_run and streamer.ended == 1
-    assert all(value.shape == (2, 6) for value in streamer.values)
-    assert torch.equal(streamer.values[-1], out.sequences[:, 3:])
+    assert len(streamer.drafts) == len(out.history) == steps_run and streamer.ended == 1
+    assert [draft.tolist() for draft in streamer.drafts] == [step[:, 3:].tolist() for step in out.history]
+    assert len(streamer.puts) == 2
+    assert torch.equal(streamer.puts[0], ids) and torch.equal(streamer.puts[1], out.sequences[:, 3:])
     assert out.num_forward_passes.tolist() == [1, steps_run]
     assert out.tokens_per_step.sum(1).tolist() == [6, 6]
+
+
+def test_a_streamer_without_put_draft_gets_the_prompt_and_the_answer_only(tiny_model):
+    streamer = RecordingStreamer()
+    streamer.put_draft = None  # like TextStreamer: no drafts
+    out = tiny_model.diffusion_generate(torch.tensor([PROMPT]), max_new_tokens=4, steps=4, streamer=streamer)
+    assert [value.tolist() for value in streamer.puts] == [[PROMPT], out[:, len(PROMPT):].tolist()]
 
 
 def test_diffusion_text_streamer_shows_masks_as_placeholders(capsys):
@@ -552,10 +565,14 @@ def test_diffusion_text_streamer_shows_masks_as_placeholders(capsys):
             return "".join(chr(ord("a") + i) for i in ids)
 
     streamer = DiffusionTextStreamer(CharTokenizer())
-    streamer.put(torch.tensor([[0, MASK, MASK, 1, 2]]))
+    streamer.put(torch.tensor([[5, 6]]))  # the prompt: not shown
+    streamer.put_draft(torch.tensor([[0, MASK, MASK, 1, 2], [MASK] * 5]))
+    streamer.put(torch.tensor([[0, 3, 4, 1, 2], [1] * 5]))
     streamer.end()
-    assert streamer.texts == ["a__bc"] and streamer.finished
-    assert capsys.readouterr().out == "[step 1] a__bc\n"
+    assert streamer.texts == ["adebc", "bbbbb"] and streamer.finished
+    assert capsys.readouterr().out == (
+        "[step 1, row 0] a__bc\n[step 1, row 1] _____\n[answer, row 0] adebc\n[answer, row 1] bbbbb\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -743,7 +760,7 @@ def test_generate_with_causal_attention_cache_matches_full_forwards():
     settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, suppress_tokens=NON_TEXT, **visual)
     cached = model.generate(ids, use_cache=True, streamer=streamer, **settings)
     assert torch.equal(cached, model.generate(ids, use_cache=False, **settings))
-    assert len(streamer.values) == 1 + 4 and streamer.ended == 1  # the prompt, then one token per step
+    assert len(streamer.puts) == 1 + 4 and streamer.ended == 1  # the prompt, then one token per step
     sampled = model.generate(
         ids,
         use_cache=True,

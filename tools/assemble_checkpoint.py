@@ -7,9 +7,10 @@
 which is upstream's and needs transformers 4.46.2. The folder written here holds the released weights (copied as they
 are), the released config re-saved with an `auto_map` naming this package's classes, the processor rebuilt from the
 released tokenizer files (`vocab.json` + `merges.txt`; the released `tokenization_dimple.py` is not needed), a
-`generation_config.json` with the released chat settings, and this package's remote-code modules. No Python file of
-the source is copied. The folder loads offline with `AutoModel` / `AutoProcessor` (`trust_remote_code=True`) and can
-be pushed with `model.push_to_hub(...)` or `huggingface-cli upload`.
+`generation_config.json` with the released chat settings (`generate` decodes by diffusion and stops at either end
+token), this package's remote-code modules, the LICENSE and a model card (`README.md` with the Hub metadata). No
+Python file of the source is copied. The folder loads offline with `AutoModel` / `AutoProcessor`
+(`trust_remote_code=True`) and can be pushed with `model.push_to_hub(...)` or `huggingface-cli upload`.
 """
 
 import argparse
@@ -22,9 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from configuration_dimple import DimpleConfig  # noqa: E402
+from configuration_dimple import AUTO_MAP, DimpleConfig  # noqa: E402
 from generation_utils import RELEASED_CHAT_SETTINGS, DimpleGenerationConfig  # noqa: E402
-from processing_dimple import DimpleProcessor  # noqa: E402
+from model_card import write_model_card  # noqa: E402
+from processing_dimple import EOS_TOKEN, PAD_TOKEN, DimpleProcessor  # noqa: E402
 
 # The package's remote code: every module a checkpoint folder needs (they import each other relatively).
 REMOTE_CODE_FILES = (
@@ -35,10 +37,6 @@ REMOTE_CODE_FILES = (
     "image_processing_dimple.py",
     "transformers_compat.py",
 )
-AUTO_MAP = {
-    "AutoConfig": "configuration_dimple.DimpleConfig",
-    "AutoModel": "modeling_dimple.DimpleForConditionalGeneration",
-}
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 SOURCE_PATTERNS = (
     *WEIGHT_PATTERNS,
@@ -68,6 +66,7 @@ def source_folder(source: str) -> Path:
 
 def assemble(source: str | Path, output: str | Path) -> Path:
     """Write `output`: the source's weights and settings with this package's code. Returns the folder."""
+    base_model = base_model_id(str(source))
     source, output = source_folder(str(source)), Path(output)
     weights = [path for pattern in WEIGHT_PATTERNS for path in source.glob(pattern)]
     if not weights:
@@ -84,16 +83,26 @@ def assemble(source: str | Path, output: str | Path) -> Path:
     config_dict["auto_map"] = AUTO_MAP
     (output / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
 
-    DimpleProcessor.from_pretrained(source).save_pretrained(output)
-    released_generation_config(config).save_pretrained(output)
+    processor = DimpleProcessor.from_pretrained(source)
+    processor.save_pretrained(output)
+    released_generation_config(config, processor.tokenizer).save_pretrained(output)
     for name in REMOTE_CODE_FILES:
         shutil.copy2(REPO_ROOT / name, output / name)
+    shutil.copy2(REPO_ROOT / "LICENSE", output / "LICENSE")
+    write_model_card(output, kind="released", base_model=base_model)
     return output
 
 
-def released_generation_config(config: DimpleConfig) -> DimpleGenerationConfig:
-    """The released chat settings, with the special ids of the model config (the mask id among them)."""
-    ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id")}
+def base_model_id(source: str) -> str | None:
+    """The Hub id the weights came from (a local folder has none the card could name)."""
+    return None if Path(source).exists() else source
+
+
+def released_generation_config(config: DimpleConfig, tokenizer) -> DimpleGenerationConfig:
+    """The released chat settings, with the special ids of the model config (the mask id among them) and both
+    tokens that end an answer as EOS, so that `generate` stops at either."""
+    ids = {name: getattr(config, name) for name in ("bos_token_id", "pad_token_id", "mask_token_id")}
+    ids["eos_token_id"] = tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
     return DimpleGenerationConfig(**RELEASED_CHAT_SETTINGS, **{k: v for k, v in ids.items() if v is not None})
 
 

@@ -72,6 +72,15 @@ class DimpleVisionConfig(Qwen2_5_VLVisionConfig):
             )
 
 
+# The Auto classes that load this package's classes from a saved folder (`trust_remote_code=True`): those
+# transformers registers Qwen2.5-VL under (AutoModel, AutoModelForImageTextToText), so pipelines find the model.
+AUTO_MAP = {
+    "AutoConfig": "configuration_dimple.DimpleConfig",
+    "AutoModel": "modeling_dimple.DimpleForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_dimple.DimpleForConditionalGeneration",
+}
+
+
 class DimpleConfig(Qwen2_5_VLTextConfig):
     r"""
     Configuration of [`DimpleForConditionalGeneration`]. Class defaults follow the upstream code; the released
@@ -132,6 +141,8 @@ class DimpleConfig(Qwen2_5_VLTextConfig):
     def __post_init__(self, **kwargs):
         self.mrope_section = list(self.mrope_section)
         super().__post_init__(**kwargs)
+        # Every saved config names this package's classes (a released config names upstream's `DimpleModel`).
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
         # The decoder's rotary module reads the split from rope_parameters.
         self.rope_parameters["mrope_section"] = self.mrope_section
         head_dim = self.hidden_size // self.num_attention_heads
@@ -164,4 +175,4 @@ class DimpleConfig(Qwen2_5_VLTextConfig):
         return self
 
 
-__all__ = ["DimpleConfig", "DimpleVisionConfig"]
+__all__ = ["AUTO_MAP", "DimpleConfig", "DimpleVisionConfig"]

@@ -15,7 +15,7 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
+    from .generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
@@ -23,7 +23,7 @@ except ImportError:  # no parent package: imported from the repository root rath
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
+    from generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
     from transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
@@ -119,7 +119,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     """Dimple: vision tower (`visual`), projector (`img_projector`), bidirectional decoder (`model`), `lm_head`.
 
     Outputs logits at every kept position; the logit at position i scores the token at i + 1 (Dream's AR
-    initialisation). Use `diffusion_generate` to answer, or `generate` for plain autoregressive decoding.
+    initialisation). `generate` decodes as the generation config's `decoding` says (diffusion for the checkpoints
+    this package writes); `diffusion_generate` always decodes by diffusion.
     """
 
     _tied_weights_keys = {}
@@ -528,21 +529,42 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
     # agree.
 
-    def generate(self, inputs=None, generation_config=None, **kwargs):
-        """Left-to-right autoregressive decoding with the stock `GenerationMixin.generate` (greedy, sampling,
-        `max_new_tokens`, `eos_token_id`, streamers, `num_return_sequences` with images). Use `diffusion_generate` to
-        answer with the diffusion decoder.
+    def generate(self, inputs=None, generation_config=None, decoding: str | None = None, **kwargs):
+        """Answer with the decoding the generation config selects, as transformers' own diffusion LMs do.
 
-        With the default bidirectional attention (`config.full_attn_mask=True`), `use_cache=False` re-runs the whole
-        sequence each step (every token sees every other), while `use_cache=True` reuses keys/values computed before
-        later tokens existed, so the two can differ after the first new token. With causal attention they agree.
+        `decoding="diffusion"` (the checkpoints this package writes) runs [`~DimpleGenerationMixin.diffusion_generate`]
+        with the same arguments, outputs and streamer protocol; `"autoregressive"` (the default of a plain config)
+        runs the stock left-to-right `GenerationMixin.generate` (greedy, sampling, `max_new_tokens`, `eos_token_id`,
+        streamers, `num_return_sequences` with images). The keyword `decoding` overrides the config for one call;
+        otherwise the `generation_config` argument's setting, then `model.generation_config`'s, decides.
+
+        With the default bidirectional attention (`config.full_attn_mask=True`), autoregressive `use_cache=False`
+        re-runs the whole sequence each step (every token sees every other), while `use_cache=True` reuses
+        keys/values computed before later tokens existed, so the two can differ after the first new token. With
+        causal attention they agree.
         """
+        decoding = self.selected_decoding(generation_config, decoding)
+        if decoding == "diffusion":
+            return self.diffusion_generate(inputs, generation_config, **kwargs)
         misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
         if misplaced:
-            raise TypeError(f"{misplaced} are `diffusion_generate` arguments; `generate` decodes autoregressively.")
+            raise TypeError(
+                f"{misplaced} are diffusion settings; this `generate` call decodes autoregressively (pass "
+                '`decoding="diffusion"` or call `diffusion_generate`).'
+            )
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
         return super().generate(inputs, generation_config, **kwargs)
+
+    def selected_decoding(self, generation_config=None, decoding: str | None = None) -> str:
+        """`decoding` if given, else the `generation_config` argument's, else `model.generation_config`'s setting."""
+        for source in (generation_config, self.generation_config):
+            if decoding is None and source is not None:
+                decoding = getattr(source, "decoding", None)
+        decoding = decoding or "autoregressive"
+        if decoding not in DECODINGS:
+            raise ValueError(f"`decoding` must be one of {DECODINGS}, got {decoding!r}.")
+        return decoding
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""

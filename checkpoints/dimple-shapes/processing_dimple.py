@@ -314,6 +314,18 @@ class DimpleProcessor(ProcessorMixin):
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **decode_kwargs)
         return [self.post_process_answer(item, skip_special_tokens, **decode_kwargs) for item in answers]
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **decode_kwargs):
+        """What pipelines call to decode generated sequences: [`post_process_answer`] on each row (leftover masks
+        dropped, trailing end tokens stripped), so a pipeline and a direct call give the same text.
+
+        Returns:
+            `list[str]`, one text per row of `generated_outputs` (`[B, L]` ids, or a list of id lists).
+        """
+        rows = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else list(generated_outputs)
+        if rows and isinstance(rows[0], int):
+            rows = [rows]
+        return [self.post_process_answer(list(row), skip_special_tokens, **decode_kwargs) for row in rows]
+
     def answer_ids(self, ids: list[int]) -> list[int]:
         """The tokens an answer produced: leftover masks dropped, the trailing end-of-answer padding stripped."""
         ids = [token for token in ids if token != self.mask_token_id]
