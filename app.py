@@ -83,11 +83,8 @@ def canvas_segments(tokenizer, canvas: list[int], previous: list[int], start: li
 
 
 class CanvasCapture(BaseStreamer):
-    """The page's streamer, and the only code that knows `diffusion_generate`'s streamer protocol: it hands each
-    step's canvas from the decoding thread to the page, and stops the decoding once `cancelled` is set.
-
-    Today `diffusion_generate` calls `put(canvas)` after every step, then `end()`. Under transformers' protocol
-    (`put(prompt)`, `put_draft(canvas)` after every step, `put(final tokens)`, `end()`), `put` becomes a no-op.
+    """The page's streamer: it hands each step's canvas (`put_draft`, transformers' diffusion streamer protocol) from
+    the decoding thread to the page, and stops the decoding once `cancelled` is set.
     """
 
     def __init__(self):
@@ -95,7 +92,7 @@ class CanvasCapture(BaseStreamer):
         self.cancelled = threading.Event()
 
     def put(self, value):
-        self.put_draft(value)
+        pass  # the prompt, then the final answer: the answer reaches the page as the result
 
     def put_draft(self, value):
         if self.cancelled.is_set():
@@ -490,7 +487,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                         )  # fmt: skip
                     with gr.Row():
                         pipeline = gr.Radio(PIPELINES, value=defaults.pipeline, label="Pipeline")
-                        alg = gr.Dropdown(ALGORITHMS, value=defaults.alg, label="Algorithm")
+                        alg = gr.Dropdown(list(ALGORITHMS), value=defaults.alg, label="Algorithm")
                     use_cache = gr.Checkbox(defaults.use_cache, label="Prefill cache")
             with gr.Column():
                 canvas = gr.HighlightedText(

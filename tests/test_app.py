@@ -206,7 +206,7 @@ def test_replay_returns_this_sessions_own_steps(server, scene):
             "How many shapes?",
             "",
             dict(pipeline="dream", alg="origin-ratio"),
-            "exists only in the dim pipeline",
+            "does not exist in the dream pipeline",
         ),
     ],
 )
