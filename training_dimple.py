@@ -70,13 +70,13 @@ logger = logging.get_logger(__name__)
 try:
     from .image_processing_dimple import MAX_ASPECT_RATIO
     from .model_card import write_model_card
-    from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
+    from .processing_dimple import DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, VISION_TOKENS
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from image_processing_dimple import MAX_ASPECT_RATIO
     from model_card import write_model_card
-    from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
+    from processing_dimple import DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, VISION_TOKENS
 
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
@@ -985,12 +985,12 @@ def save_final_model(
             return adapter_dir
         if trainer.is_world_process_zero():
             merged = trainer.model.merge_and_unload()
-            _set_output_attention(trainer, merged)
+            _set_output_decoding(trainer, merged)
             merged.save_pretrained(output_dir)
             if getattr(trainer, "processor", None) is not None:
                 trainer.processor.save_pretrained(output_dir)
     else:
-        _set_output_attention(trainer, trainer.model)
+        _set_output_decoding(trainer, trainer.model)
         trainer.save_model(output_dir)
     if trainer.is_world_process_zero():
         _make_pushable(output_dir)
@@ -1038,12 +1038,22 @@ def _make_pushable(folder) -> None:
     Path(folder, "training_args.bin").unlink(missing_ok=True)
 
 
-def _set_output_attention(trainer, model) -> None:
+def _set_output_decoding(trainer, model) -> None:
+    """The saved model attends as chosen for the stage's output, and `generate` decodes to match: by diffusion with
+    bidirectional attention, left to right with causal attention (diffusion on a causal model garbles answers). Its
+    generation config also ends answers at both end tokens, as every folder this package writes does."""
     saved = getattr(trainer, "output_full_attn_mask", None)
     if saved is None:
         return
     model.config.full_attn_mask = saved
-    logger.warning(f"The saved model decodes with {attention_name(saved)} attention (full_attn_mask={saved}).")
+    model.generation_config.decoding = "diffusion" if saved else "autoregressive"
+    processor = getattr(trainer, "processor", None)
+    if processor is not None:
+        model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
+    logger.warning(
+        f"The saved model decodes with {attention_name(saved)} attention (full_attn_mask={saved}); its `generate` "
+        f"decodes {'by diffusion' if saved else 'autoregressively'} (generation_config.decoding)."
+    )
 
 
 def _finish_adapter_folder(trainer, adapter_dir, base_model, facts) -> None:

@@ -245,6 +245,9 @@ def test_each_stage_states_and_saves_the_attention_its_output_decodes_with(
     assert f"| decodes with | {attention} attention (full_attn_mask={saved_full_attention}) |" in (
         final / "README.md"
     ).read_text()
+    generation = json.loads((final / "generation_config.json").read_text())
+    assert generation["decoding"] == ("diffusion" if saved_full_attention else "autoregressive")
+    assert generation["eos_token_id"] == processor.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
 
 
 # ------------------------------------------------------------------------------------------------------ adapter
