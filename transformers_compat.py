@@ -90,6 +90,8 @@ OVERRIDDEN_HOOKS = {
     "processing_dimple.DimpleProcessor.validate_inputs": "ProcessorMixin.__call__",
     "processing_dimple.DimpleProcessor.replace_image_token": "ProcessorMixin.__call__: one pad per vision token",
     "processing_dimple.DimpleProcessor._process_videos": "ProcessorMixin.__call__: videos through the image processor",
+    "processing_dimple.DimpleProcessor.post_process_image_text_to_text":
+        "ImageTextToTextPipeline.postprocess: answers cleaned as post_process_answer cleans them",
     "training_dimple.DimpleTrainer.compute_loss": "Trainer.training_step",
     "training_dimple.DimpleTrainer.save_model": "Trainer's checkpointing and the end of training",
     "training_dimple.CollatorEpochCallback.on_epoch_begin": "Trainer's callback handler",
