@@ -965,8 +965,7 @@ class DimpleGenerationMixin(GenerationMixin):
         ignored = sorted(k for k in kwargs if k not in unused and not is_diffusion_setting(k))
         if ignored:
             raise TypeError(f"{ignored} are settings of `generate`; diffusion_generate does not use them.")
-        config.fill_diffusion_defaults(self.config)
-        config.validate()
+        config.fill_diffusion_defaults(self.config)  # no new check: `update` validated unset values as these defaults
         if config.mask_token_id is None:
             raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
 
