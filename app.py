@@ -18,6 +18,7 @@ concurrent users never see each other's canvases.
 """
 
 import argparse
+import copy
 import hashlib
 import math
 import queue
@@ -44,7 +45,7 @@ from examples.demo import (  # noqa: E402
     figure_font,
     load,
 )
-from generation_utils import ALGORITHMS, PIPELINES, DimpleGenerationConfig  # noqa: E402
+from generation_utils import ALGORITHMS, PIPELINES  # noqa: E402
 from shapes.task import random_scene, render  # noqa: E402
 from transformers_compat import BaseStreamer  # noqa: E402
 
@@ -298,7 +299,9 @@ def steps_gif(frames: list[list], path) -> Path:
 def default_settings(model) -> Settings:
     """The checkpoint's own diffusion settings, else the released chat settings (as `examples/demo.py` runs)."""
     extra = decoding_options(model)
-    config = DimpleGenerationConfig(**{**model.generation_config.to_diff_dict(), **extra})
+    config = copy.deepcopy(model.generation_config)  # a DimpleGenerationConfig: the model declares its class
+    config.update(**extra)
+    config.fill_diffusion_defaults(model.config)
     for name in ("steps", "max_new_tokens", "alg_p_threshold", "decoding_pipeline", "alg", "use_cache", "temperature"):
         extra.pop(name, None)
     return Settings(

@@ -15,7 +15,7 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
+    from .generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
@@ -23,7 +23,7 @@ except ImportError:  # no parent package: imported from the repository root rath
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationMixin
+    from generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
     from transformers_compat import (
         ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
     )
@@ -124,6 +124,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     """
 
     _tied_weights_keys = {}
+    # `PreTrainedModel.__init__` builds `self.generation_config` from this class; `adjust_generation_fn` loads the
+    # checkpoint's `generation_config.json` as one too.
+    generation_config_class = DimpleGenerationConfig
 
     def __init__(self, config: DimpleConfig):
         config.check_pad_token_in_vocabulary()  # else a bare AssertionError from the embedding
@@ -555,6 +558,14 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
         return super().generate(inputs, generation_config, **kwargs)
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """`from_pretrained`'s generation config, as a `DimpleGenerationConfig`: transformers 5.23-5.25 load
+        `generation_config.json` as a plain `GenerationConfig` (DiffusionGemma overrides this hook for the same
+        reason); the diffusion settings in it are carried over and validated."""
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if not isinstance(self.generation_config, self.generation_config_class):
+            self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
 
     def selected_decoding(self, generation_config=None, decoding: str | None = None) -> str:
         """`decoding` if given, else the `generation_config` argument's, else `model.generation_config`'s setting."""

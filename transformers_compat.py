@@ -81,17 +81,21 @@ OVERRIDDEN_HOOKS = {
     "modeling_dimple.DimpleForConditionalGeneration.get_output_embeddings": "PreTrainedModel (tying, resizing)",
     "modeling_dimple.DimpleForConditionalGeneration.set_input_embeddings": "PreTrainedModel.resize_token_embeddings",
     "modeling_dimple.DimpleForConditionalGeneration.set_output_embeddings": "PreTrainedModel.resize_token_embeddings",
+    "modeling_dimple.DimpleForConditionalGeneration.adjust_generation_fn":
+        "PreTrainedModel.from_pretrained: generation_config.json loaded as a DimpleGenerationConfig",
+    "generation_utils.DimpleGenerationConfig.from_model_config":
+        "PreTrainedModel.__init__ (generation_config_class): the model's generation config from config.json",
     "generation_utils.DimpleGenerationConfig.validate": "GenerationConfig.__init__ / update / save_pretrained",
     "generation_utils.DimpleGenerationConfig.to_diff_dict": "GenerationConfig.save_pretrained (to_json_string)",
     "generation_utils.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
     "image_processing_dimple.DimpleImageProcessor._preprocess": "Qwen2VLImageProcessorPil.preprocess",
     "image_processing_dimple.DimpleImageProcessor.process_image": "the PIL backend's preprocess, per image",
     "image_processing_dimple.DimpleImageProcessor.to_dict": "save_pretrained, ProcessorMixin.to_dict",
+    "processing_dimple.DimpleProcessor.post_process_image_text_to_text":
+        "ImageTextToTextPipeline.postprocess: the answer cleaned as post_process_answer cleans it",
     "processing_dimple.DimpleProcessor.validate_inputs": "ProcessorMixin.__call__",
     "processing_dimple.DimpleProcessor.replace_image_token": "ProcessorMixin.__call__: one pad per vision token",
     "processing_dimple.DimpleProcessor._process_videos": "ProcessorMixin.__call__: videos through the image processor",
-    "processing_dimple.DimpleProcessor.post_process_image_text_to_text":
-        "ImageTextToTextPipeline.postprocess: answers cleaned as post_process_answer cleans them",
     "training_dimple.DimpleTrainer.compute_loss": "Trainer.training_step",
     "training_dimple.DimpleTrainer.save_model": "Trainer's checkpointing and the end of training",
     "training_dimple.CollatorEpochCallback.on_epoch_begin": "Trainer's callback handler",
@@ -103,7 +107,6 @@ OWN_ENTRY_POINTS = (
     "processing_dimple.DimpleProcessor.apply_chat_template",
     "generation_utils.DiffusionTextStreamer.put",  # called by diffusion_generate
     "generation_utils.DiffusionTextStreamer.end",
-    "generation_utils.DimpleGenerationConfig.from_model_config",  # called by diffusion_generate
     "image_processing_dimple.DimpleImageProcessor.preprocess",  # called by its own __call__
     "processing_dimple.DimpleProcessor.replace_video_token",  # called by its own _process_videos
 )

@@ -62,7 +62,7 @@ def load(model_id):
 
 def decoding_options(model) -> dict:
     """The checkpoint's own settings when they select diffusion decoding, else the released chat settings."""
-    if getattr(model.generation_config, "decoding", None) == "diffusion":
+    if model.generation_config.decoding == "diffusion":  # a DimpleGenerationConfig: the model declares its class
         return {}
     return dict(RELEASED_CHAT_SETTINGS)
 

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import pipeline
 from conftest import REPO_ROOT, make_tiny_config, make_tiny_model
 from fixtures_tokenizer import write_released_style_folder
 
@@ -315,8 +316,6 @@ def spy_on_hooks(monkeypatch) -> collections.Counter:
 def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, tmp_path):
     import numpy as np
 
-    from transformers import pipeline
-
     from generation_utils import DimpleGenerationConfig
     from shapes.task import make_examples, render
     from tools.reference_outputs import load, prompts
@@ -326,14 +325,12 @@ def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, 
     model, processor = load()
     examples = make_examples(seed=1, count=2)
     inputs = prompts(processor, examples)
-    out = model.generate(
-        **inputs, decoding="autoregressive", max_new_tokens=2, do_sample=True, num_return_sequences=2, use_cache=True
-    )
+    ar = dict(decoding="autoregressive", do_sample=True, num_return_sequences=2, use_cache=True)
+    out = model.generate(**inputs, max_new_tokens=2, **ar)  # the shipped checkpoint selects diffusion: switched
     assert out.shape[0] == 4  # each prompt twice, with its own image
-    question = [{"type": "image", "image": render(examples[0].scene)}, {"type": "text", "text": examples[0].question}]
-    pipeline("image-text-to-text", model=model, processor=processor)(
-        text=[{"role": "user", "content": question}], max_new_tokens=4, steps=4
-    )
+    chat = [{"role": "user", "content": [{"type": "image", "image": render(examples[0].scene)},
+                                         {"type": "text", "text": examples[0].question}]}]  # fmt: skip
+    pipeline("image-text-to-text", model=model, processor=processor)(text=chat, max_new_tokens=4, steps=4)
     cached = dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=True)
     model.diffusion_generate(**inputs, max_new_tokens=16, steps=16, **cached)  # several cached steps
     frames = np.stack([np.asarray(render(example.scene)) for example in examples])

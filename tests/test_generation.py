@@ -580,13 +580,17 @@ def test_diffusion_text_streamer_shows_masks_as_placeholders(capsys):
 
 def test_config_defaults_validation_and_round_trip(tmp_path):
     config = DimpleGenerationConfig()
-    assert (config.temperature, config.top_p, config.top_k, config.steps, config.eps) == (0.0, None, None, 512, 1e-3)
-    assert (config.alg, config.decoding_pipeline, config.use_original_confidence) == ("origin", "dim", True)
+    # the standard settings keep transformers' meaning (unset) for the autoregressive `generate` ...
+    assert all(getattr(config, name) is None for name in ("temperature", "use_cache", "max_length", "top_k"))
+    assert (config.steps, config.eps, config.alg, config.decoding_pipeline) == (512, 1e-3, "origin", "dim")
+    # ... and get their diffusion values only when diffusion decoding resolves them
+    config.fill_diffusion_defaults(make_tiny_model().config)
+    assert (config.temperature, config.top_p, config.top_k, config.mask_token_id) == (0.0, None, None, MASK)
     assert (config.use_cache, config.max_length, config.cache_refresh_interval) == (False, 20, 0)
     saved = DimpleGenerationConfig(steps=32, alg="maskgit_plus", alg_p_threshold=0.95, top_k=50, mask_token_id=9)
     saved.save_pretrained(tmp_path)
     assert DimpleGenerationConfig.from_pretrained(tmp_path) == saved
-    plain = GenerationConfig.from_pretrained(tmp_path)  # what `from_pretrained` puts in model.generation_config
+    plain = GenerationConfig.from_pretrained(tmp_path)  # what transformers' own loader reads from the file
     assert (plain.steps, plain.alg, plain.top_k) == (32, "maskgit_plus", 50)
     assert plain.temperature is None and plain.use_cache is None  # defaults are not pinned for `generate`
     from_model = DimpleGenerationConfig.from_model_config(make_tiny_model().config)

@@ -73,7 +73,18 @@ def test_every_written_config_names_the_image_text_to_text_auto_class(tmp_path):
 def test_auto_image_text_to_text_loads_the_shipped_checkpoint():
     model = AutoModelForImageTextToText.from_pretrained(SHIPPED, trust_remote_code=True)
     assert type(model).__name__ == "DimpleForConditionalGeneration"
+    # generation_config.json loads as the class the model declares, its diffusion settings validated
+    assert type(model.generation_config) is type(model).generation_config_class
+    assert type(model.generation_config).__name__ == "DimpleGenerationConfig"
     assert model.generation_config.decoding == "diffusion"
+    with pytest.raises(ValueError, match="alg"):
+        model.generation_config.update(alg="greedy")
+
+
+def test_a_model_built_from_its_config_keeps_transformers_generation_defaults():
+    settings = make_tiny_model().generation_config
+    assert type(settings).__name__ == "DimpleGenerationConfig" and settings.decoding == "autoregressive"
+    assert all(getattr(settings, name) is None for name in ("temperature", "use_cache", "max_length", "top_k"))
 
 
 def test_shipped_generation_config_ends_answers_at_both_end_tokens():

@@ -21,6 +21,7 @@ The autoregressive
 `generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
 """
 
+import copy
 import functools
 import math
 import warnings
@@ -49,8 +50,10 @@ DIFFUSION_DEFAULTS = dict(
     decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
     decoding="autoregressive",
 )  # fmt: skip
-# Standard `GenerationConfig` settings that diffusion decoding reads, with the defaults it gives them; any other
-# standard setting (`num_beams`, `do_sample`, ...) belongs to `generate` and is rejected by `diffusion_generate`.
+# Standard `GenerationConfig` settings that diffusion decoding reads, with the values it gives them when they are
+# unset (None). Only `diffusion_generate` applies them: the config itself leaves them unset, so the autoregressive
+# `generate` keeps transformers' own defaults. Any other standard setting (`num_beams`, `do_sample`, ...) belongs to
+# `generate` and is rejected by `diffusion_generate`.
 SHARED_DEFAULTS = dict(
     temperature=0.0, max_length=20, use_cache=False, num_return_sequences=1, return_dict_in_generate=False,
     max_new_tokens=None, top_p=None, top_k=None, pad_token_id=None, bos_token_id=None, eos_token_id=None,
@@ -74,10 +77,13 @@ class DimpleGenerationConfig(GenerationConfig):
     r"""
     Settings of [`DimpleGenerationMixin.diffusion_generate`], saved and loaded as `generation_config.json`.
 
-    `diffusion_generate` resolves its settings in this order, each step overriding the previous one: these class
-    defaults, then `model.generation_config` (the checkpoint's `generation_config.json`), then an explicit
-    `generation_config` argument, then keyword arguments. Special ids missing from all of them come from the model's
-    `config.json` (the released `generation_config.json` has no `mask_token_id`; config.json has 151666).
+    The model declares it as its `generation_config_class`, so `model.generation_config` is one (built from
+    `config.json`, or loaded from the checkpoint's `generation_config.json`). `diffusion_generate` resolves its
+    settings as transformers' `generate` does: a copy of the `generation_config` argument (else of
+    `model.generation_config`), updated with the keyword arguments. Standard settings it reads that are still unset
+    get the diffusion defaults below, and special ids missing there come from the model's `config.json` (the released
+    `generation_config.json` has no `mask_token_id`; config.json has 151666). The config itself leaves the standard
+    settings unset, so the autoregressive `generate` keeps transformers' defaults.
 
     The released code instead built its settings from the model config and, under transformers 4.46, silently
     inherited the legacy attributes `temperature=1.0` and `top_k=50` whenever a caller omitted them: every published
@@ -131,9 +137,16 @@ class DimpleGenerationConfig(GenerationConfig):
     def __init__(self, **kwargs):
         for name, default in DIFFUSION_DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
-        for name, default in SHARED_DEFAULTS.items():
-            kwargs.setdefault(name, default)
         super().__init__(**kwargs)
+
+    def fill_diffusion_defaults(self, model_config) -> "DimpleGenerationConfig":
+        """Give the unset standard settings their diffusion values, and the missing special ids config.json's."""
+        for name, default in SHARED_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(model_config, name, None) if name in SPECIAL_IDS else default)
+        if self.mask_token_id is None:
+            self.mask_token_id = getattr(model_config, "mask_token_id", None)
+        return self
 
     @classmethod
     def from_model_config(cls, model_config) -> "DimpleGenerationConfig":
@@ -142,11 +155,8 @@ class DimpleGenerationConfig(GenerationConfig):
         return cls(**{name: values[name] for name in SPECIAL_IDS if values.get(name) is not None})
 
     def to_diff_dict(self) -> dict:
-        """Only the values that differ from *these* class defaults (transformers diffs against its own defaults).
-
-        So a saved `generation_config.json`, which `from_pretrained` also hands to the standard `generate`, does not
-        pin `temperature=0.0` or `use_cache=False` there unless they were set on purpose.
-        """
+        """Only the values that differ from *these* class defaults (transformers diffs against its own defaults),
+        so a saved `generation_config.json` does not list every diffusion default."""
         defaults = DimpleGenerationConfig().to_dict()
         return {
             key: value
@@ -224,9 +234,11 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("cache_refresh_interval", "an integer >= 0 (0 never refreshes)")
         if self.compile_step and not self.use_cache:
             raise ValueError("`compile_step=True` compiles the cached step: it needs `use_cache=True`.")
-        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+        if self.num_return_sequences is not None and (
+            not is_int(self.num_return_sequences) or self.num_return_sequences < 1
+        ):
             fail("num_return_sequences", "an integer >= 1")
-        if self.num_return_sequences > 1 and not self.is_random:
+        if (self.num_return_sequences or 1) > 1 and not self.is_random:
             raise ValueError(
                 f"`num_return_sequences={self.num_return_sequences}` would return identical answers: decoding is "
                 f'deterministic with temperature 0 and alg="{self.alg}". Set temperature > 0, use a random `alg` '
@@ -935,24 +947,25 @@ class DimpleGenerationMixin(GenerationMixin):
         return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
 
     def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
-        """Class defaults < model.generation_config < explicit `generation_config` < kwargs; ids from config.json.
+        """A copy of `generation_config` (else `model.generation_config`) updated with `kwargs`, as `generate` does;
+        unset settings get the diffusion defaults and config.json's ids.
 
-        `GenerationConfig.update` applies each layer (and validates); it hands back the keyword arguments that are
-        not settings, which must be vision inputs.
+        `GenerationConfig.update` validates and hands back the keyword arguments that are not settings, which must be
+        vision inputs.
         """
-        config = DimpleGenerationConfig.from_model_config(self.config)
-        inherited = {}
-        for source in (self.generation_config, generation_config):
-            if source is None:
-                continue
-            if not isinstance(source, GenerationConfig):
-                raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
-            inherited.update({k: v for k, v in source.to_diff_dict().items() if is_diffusion_setting(k)})
-        config.update(**{k: v for k, v in inherited.items() if v is not None})
+        source = generation_config if generation_config is not None else self.generation_config
+        if not isinstance(source, GenerationConfig):
+            raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
+        config = (
+            copy.deepcopy(source)
+            if isinstance(source, DimpleGenerationConfig)
+            else DimpleGenerationConfig.from_dict(source.to_dict())  # a plain one: its diffusion keys carried over
+        )
         unused = config.update(**kwargs)
         ignored = sorted(k for k in kwargs if k not in unused and not is_diffusion_setting(k))
         if ignored:
             raise TypeError(f"{ignored} are settings of `generate`; diffusion_generate does not use them.")
+        config.fill_diffusion_defaults(self.config)  # no new check: `update` validated unset values as these defaults
         if config.mask_token_id is None:
             raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
 
