@@ -16,6 +16,7 @@ from test_distributed_training import write_finetune_inputs
 from test_training import load_finetune_script, processor, tiny_logits, toy_samples  # noqa: F401 (fixture)
 from transformers import AutoModel
 
+from generation_utils import DimpleGenerationConfig
 from training_dimple import (
     LORA_LEARNING_RATE,
     DimpleDataCollator,
@@ -245,9 +246,9 @@ def test_each_stage_states_and_saves_the_attention_its_output_decodes_with(
     assert f"| decodes with | {attention} attention (full_attn_mask={saved_full_attention}) |" in (
         final / "README.md"
     ).read_text()
-    generation = json.loads((final / "generation_config.json").read_text())
-    assert generation["decoding"] == ("diffusion" if saved_full_attention else "autoregressive")
-    assert generation["eos_token_id"] == processor.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    generation = DimpleGenerationConfig.from_pretrained(final)  # the file omits settings equal to the defaults
+    assert generation.decoding == ("diffusion" if saved_full_attention else "autoregressive")
+    assert generation.eos_token_id == processor.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
 
 
 # ------------------------------------------------------------------------------------------------------ adapter
