@@ -968,7 +968,7 @@ class AnswerStops:
         strings = config.stop_strings
         strings = (strings,) if isinstance(strings, str) else tuple(strings or ())
         if not all(isinstance(string, str) and string for string in strings):
-            raise TypeError(f"`stop_strings` must be a non-empty string or a list of them, got {config.stop_strings!r}.")
+            raise TypeError(f"`stop_strings` must be a non-empty string or a list of them, got {strings!r}.")
         if strings and tokenizer is None:
             raise ValueError("`stop_strings` needs the tokenizer to read the answer: pass `tokenizer=` as well.")
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id

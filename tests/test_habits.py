@@ -143,7 +143,11 @@ def test_output_scores_give_each_token_its_probability_at_its_commit_step(model,
         inputs = inputs_of(processor, example)
         prompt_length = inputs["input_ids"].shape[1]
         seen = []  # the logits of every step, recorded by the hook (the whole-sequence path: use_cache=False)
-        hook = lambda step, x, logits: seen.append(logits.clone()) or logits  # noqa: E731
+
+        def hook(step, x, logits, seen=seen):
+            seen.append(logits.clone())
+            return logits
+
         torch.manual_seed(0)
         out = model.generate(**inputs, **sampling, use_cache=False, return_dict_in_generate=True, output_scores=True,
                              output_logits=True, output_history=True, generation_logits_hook_func=hook)  # fmt: skip
