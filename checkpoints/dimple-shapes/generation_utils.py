@@ -556,6 +556,7 @@ class StepRules:
 
     @classmethod
     def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
+        config = config.with_defaults()  # unset settings as the defaults they resolve to
         values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if name != "slot_count"}
         values["slot_count"] = ALGORITHMS[config.alg].slot_counts[config.decoding_pipeline]
         values["temperature"] = values["temperature"] or 0.0
