@@ -87,7 +87,7 @@ OVERRIDDEN_HOOKS = {
     "modeling_dimple.DimpleForConditionalGeneration.get_output_embeddings": "PreTrainedModel (tying, resizing)",
     "modeling_dimple.DimpleForConditionalGeneration.set_input_embeddings": "PreTrainedModel.resize_token_embeddings",
     "modeling_dimple.DimpleForConditionalGeneration.set_output_embeddings": "PreTrainedModel.resize_token_embeddings",
-    "modeling_dimple.DimpleForConditionalGeneration.adjust_generation_fn":
+    "generation_utils.DimpleGenerationMixin.adjust_generation_fn":
         "PreTrainedModel.from_pretrained: generation_config.json loaded as a DimpleGenerationConfig",
     "generation_utils.DimpleGenerationConfig.from_model_config":
         "PreTrainedModel.__init__ (generation_config_class): the model's generation config from config.json",
@@ -108,7 +108,7 @@ OVERRIDDEN_HOOKS = {
 }  # fmt: skip
 # Overrides that only users and Dimple's own code call: public API, not a hook a release can stop calling.
 OWN_ENTRY_POINTS = (
-    "modeling_dimple.DimpleForConditionalGeneration.generate",
+    "generation_utils.DimpleGenerationMixin.generate",
     "processing_dimple.DimpleProcessor.from_pretrained",  # public; replaces the private loading hooks 5.25 dropped
     "processing_dimple.DimpleProcessor.apply_chat_template",
     "generation_utils.DiffusionTextStreamer.put",  # called by diffusion_generate

@@ -15,7 +15,7 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
+    from .generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
         output_cache, warn_old_cache_name,
@@ -24,7 +24,7 @@ except ImportError:  # no parent package: imported from the repository root rath
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
+    from generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
     from transformers_compat import (
         ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
         output_cache, warn_old_cache_name,
@@ -416,6 +416,11 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 inputs_embeds = self.merge_visual_features(inputs_embeds, placeholders, features, kind.token_id, kind.name)
         return inputs_embeds, placeholders, encoded
 
+    def embed_prompt(self, input_ids: torch.LongTensor, **visual) -> torch.Tensor:
+        """Token embeddings of `input_ids` with the image/video features in their placeholder slots (each image
+        encoded once): what diffusion decoding runs every step from, instead of re-encoding the images."""
+        return self._embed_inputs(input_ids, **visual)[0]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -572,56 +577,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         )
 
     # ------------------------------------------------------------------------- autoregressive `generate`
+    # `generate` itself (diffusion or autoregressive, as the generation config selects) is DimpleGenerationMixin's.
     # The stock loop decodes left to right once it has Dimple's multimodal RoPE positions: they are computed over the
     # whole prompt (images included) before the first step, sliced to the uncached tokens at every step and extended
     # by one per new token. Attention is bidirectional by default, so cached decoding is not the same as re-running
     # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
     # agree.
-
-    def generate(self, inputs=None, generation_config=None, decoding: str | None = None, **kwargs):
-        """Answer with the decoding the generation config selects, as transformers' own diffusion LMs do.
-
-        `decoding="diffusion"` (the checkpoints this package writes) runs [`~DimpleGenerationMixin.diffusion_generate`]
-        with the same arguments, outputs and streamer protocol; `"autoregressive"` (the default of a plain config)
-        runs the stock left-to-right `GenerationMixin.generate` (greedy, sampling, `max_new_tokens`, `eos_token_id`,
-        streamers, `num_return_sequences` with images). The keyword `decoding` overrides the config for one call;
-        otherwise the `generation_config` argument's setting, then `model.generation_config`'s, decides.
-
-        With the default bidirectional attention (`config.full_attn_mask=True`), autoregressive `use_cache=False`
-        re-runs the whole sequence each step (every token sees every other), while `use_cache=True` reuses
-        keys/values computed before later tokens existed, so the two can differ after the first new token. With
-        causal attention they agree.
-        """
-        decoding = self.selected_decoding(generation_config, decoding)
-        if decoding == "diffusion":
-            return self.diffusion_generate(inputs, generation_config, **kwargs)
-        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
-        if misplaced:
-            raise TypeError(
-                f"{misplaced} are diffusion settings; this `generate` call decodes autoregressively (pass "
-                '`decoding="diffusion"` or call `diffusion_generate`).'
-            )
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
-        return super().generate(inputs, generation_config, **kwargs)
-
-    def adjust_generation_fn(self, generation_config, *args, **kwargs):
-        """`from_pretrained`'s generation config, as a `DimpleGenerationConfig`: transformers 5.23-5.25 load
-        `generation_config.json` as a plain `GenerationConfig` (DiffusionGemma overrides this hook for the same
-        reason); the diffusion settings in it are carried over and validated."""
-        super().adjust_generation_fn(generation_config, *args, **kwargs)
-        if not isinstance(self.generation_config, self.generation_config_class):
-            self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
-
-    def selected_decoding(self, generation_config=None, decoding: str | None = None) -> str:
-        """`decoding` if given, else the `generation_config` argument's, else `model.generation_config`'s setting."""
-        for source in (generation_config, self.generation_config):
-            if decoding is None and source is not None:
-                decoding = getattr(source, "decoding", None)
-        decoding = decoding or "autoregressive"
-        if decoding not in DECODINGS:
-            raise ValueError(f"`decoding` must be one of {DECODINGS}, got {decoding!r}.")
-        return decoding
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""
