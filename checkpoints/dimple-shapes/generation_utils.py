@@ -319,6 +319,9 @@ class DimpleGenerationConfig(GenerationConfig):
             messages.append(f'`alg_temp` only affects {ranked}; it is ignored with alg="{self.alg}".')
         if self.cache_refresh_interval and not self.use_cache:
             messages.append("`cache_refresh_interval` has no effect without `use_cache=True`.")
+        extras = [name for name in ("output_scores", "output_logits", "output_history") if getattr(self, name)]
+        if extras and not self.return_dict_in_generate:
+            messages.append(f"{extras} are returned only with `return_dict_in_generate=True`.")
         return messages
 
 
