@@ -128,7 +128,7 @@ def test_inspect_binding_reads_the_shipped_vision_tokens(capsys):
     assert len(re.findall(r"layer \d, head \d: named shape [\d.]+, each other shape [\d.]+", out)) == 4
 
 
-@pytest.mark.parametrize("module", REMOTE_CODE_FILES)
+@pytest.mark.parametrize("module", REMOTE_CODE_FILES)  # the one list of remote-code modules
 def test_checkpoint_code_is_the_repository_code(module):
     """The checkpoint carries copies of the remote code; they must not drift from the package (copy them on change)."""
     repo_root = CHECKPOINT.parents[1]

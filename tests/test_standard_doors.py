@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
+    GenerationMixin,
     TextDiffusionStreamer,
     TextIteratorStreamer,
     TextStreamer,
@@ -82,8 +83,10 @@ def test_auto_image_text_to_text_loads_the_shipped_checkpoint():
 
 
 def test_a_model_built_from_its_config_keeps_transformers_generation_defaults():
-    settings = make_tiny_model().generation_config
-    assert type(settings).__name__ == "DimpleGenerationConfig" and settings.decoding == "autoregressive"
+    model = make_tiny_model()
+    settings = model.generation_config
+    assert type(settings).__name__ == "DimpleGenerationConfig" and settings.decoding is None  # unset:
+    assert model.selected_decoding() == "autoregressive"  # ... which `generate` reads as autoregressive
     assert all(getattr(settings, name) is None for name in ("temperature", "use_cache", "max_length", "top_k"))
 
 
@@ -146,7 +149,7 @@ def test_one_keyword_switches_generate_to_autoregressive(pipe, examples):
     diffusion = pipe.model.generate(**inputs)
     assert torch.equal(diffusion, pipe.model.diffusion_generate(**inputs))
     autoregressive = pipe.model.generate(**inputs, decoding="autoregressive", max_new_tokens=32)
-    loop = super(type(pipe.model), pipe.model).generate(**inputs, max_new_tokens=32)
+    loop = GenerationMixin.generate(pipe.model, **inputs, max_new_tokens=32)  # transformers' own loop
     assert torch.equal(autoregressive, loop)
     with pytest.raises(ValueError, match="`decoding` must be one of"):
         pipe.model.generate(**inputs, decoding="beam")
