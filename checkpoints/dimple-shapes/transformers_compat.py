@@ -158,6 +158,8 @@ def serve_internals():
         model_process=model_process,
         loader_class=model_manager.ModelLoader if model_process else model_manager.ModelManager,
         chat_handler_class=chat_completion.ChatCompletionHandler,
+        ModelManager=model_manager.ModelManager,
+        GenerationState=utils.GenerationState,
         Modality=utils.Modality,
         set_torch_seed=utils.set_torch_seed,
         prompt_length=getattr(utils, "prompt_length", None),

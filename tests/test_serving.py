@@ -1,0 +1,266 @@
+"""`python -m serve_dimple`: transformers' own server with Dimple's diffusion decoding, through the `openai` client.
+
+One server per module (a subprocess on a free loopback port, the shipped checkpoint); every served answer is compared
+with `model.generate`'s answer for the same image and question, computed here with the same settings.
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+
+from shapes.task import heldout_examples, make_examples, render
+
+openai = pytest.importorskip("openai", reason="serving extras: pip install -r requirements-serve.txt")
+
+FOLDER = "checkpoints/dimple-shapes"  # as given on the command line: the name requests use
+CHECKPOINT_SLOTS = 32  # the shipped generation_config.json's max_new_tokens
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, log, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no healthy server at {url} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules"))}
+    command = [sys.executable, "-m", "serve_dimple", FOLDER, "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path_factory.mktemp("server") / "server.log"  # a file: a full pipe would block the server
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, server, log)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert server.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def client(server_url):
+    return openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def library():
+    model = AutoModelForImageTextToText.from_pretrained(REPO_ROOT / FOLDER, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(REPO_ROOT / FOLDER, trust_remote_code=True)
+    return model, processor
+
+
+# Held-out questions: drawn from a seed of their own, none of them an (image, question) pair of the test set.
+TEST_SET_KEYS = frozenset(example.key() for example in heldout_examples())
+QUESTIONS = make_examples(seed=29_029, count=20, exclude=TEST_SET_KEYS)
+
+
+def image_url(example) -> str:
+    buffer = io.BytesIO()
+    render(example.scene).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat(example) -> list[dict]:
+    """The OpenAI chat message: the image as a base64 data URL, then the question (the task's order)."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(example)}},
+                                         {"type": "text", "text": example.question}]}]  # fmt: skip
+
+
+def library_answer(library, example, seed: int | None = None, **settings) -> tuple[str, list[int]]:
+    """`model.generate`'s answer (text, answer token ids) for the example, with the checkpoint's settings and
+    `settings`."""
+    model, processor = library
+    messages = [{"role": "user", "content": [{"type": "image", "image": render(example.scene)},
+                                             {"type": "text", "text": example.question}]}]  # fmt: skip
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    if seed is not None:
+        set_seed(seed)
+    with torch.no_grad():
+        output = model.generate(**inputs, **settings)
+    answer = output[0, inputs["input_ids"].shape[1] :]
+    return processor.post_process_answer(answer, skip_special_tokens=True), processor.answer_ids(answer.tolist())
+
+
+def streamed(client, example, **request) -> tuple[str, list[str], list]:
+    """The streamed text, its content deltas, and all the chunks."""
+    chunks = list(
+        client.chat.completions.create(
+            model=FOLDER, messages=chat(example), stream=True, stream_options={"include_usage": True}, **request
+        )
+    )
+    deltas = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    return "".join(deltas), deltas, chunks
+
+
+def finish_reason_of(chunks) -> str:
+    return next(chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason)
+
+
+def status_and_detail(call) -> tuple[int, str]:
+    with pytest.raises(openai.APIStatusError) as error:
+        call()
+    return error.value.status_code, json.dumps(error.value.response.json())
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def test_twenty_held_out_image_questions_get_generates_answer_streaming_and_not(client, library):
+    latencies = []
+    for example in QUESTIONS:
+        expected, answer_ids = library_answer(library, example)
+        answer_tokens = len(answer_ids)
+        start = time.perf_counter()
+        response = client.chat.completions.create(model=FOLDER, messages=chat(example))
+        latencies.append(time.perf_counter() - start)
+        choice = response.choices[0]
+        assert choice.message.content == expected, example.question
+        assert response.usage.completion_tokens == answer_tokens  # answer tokens, not the 32 slots
+        assert choice.finish_reason == ("length" if answer_tokens == CHECKPOINT_SLOTS else "stop")
+
+        text, _, chunks = streamed(client, example)
+        assert text == expected, example.question
+        assert chunks[-1].usage.completion_tokens == answer_tokens
+        assert finish_reason_of(chunks) == choice.finish_reason
+    print(f"non-streaming latency per request: median {sorted(latencies)[len(latencies) // 2] * 1000:.0f} ms")
+
+
+def test_the_answer_streams_as_the_committed_prefix_grows(client, library):
+    # One slot per step, leftmost first: the committed prefix grows by a token each step.
+    one_by_one = {"alg": "autoregressive", "alg_p_threshold": None}
+    example = next(example for example in QUESTIONS if len(example.answer.split()) >= 3)
+    expected, answer_ids = library_answer(library, example, **one_by_one)
+    text, deltas, chunks = streamed(client, example, extra_body={"generation_config": json.dumps(one_by_one)})
+    assert text == expected
+    assert chunks[-1].usage.completion_tokens == len(answer_ids)
+    assert all(deltas)  # every delta appends text; none is taken back
+
+
+def test_stop_ends_the_answer_before_the_stop_string(client, library):
+    example = next(example for example in QUESTIONS if len(library_answer(library, example)[0].split()) >= 3)
+    full, answer_ids = library_answer(library, example)
+    stop = " " + full.split()[1]
+    expected = full[: full.index(stop)]
+    kept = next(k for k in range(len(answer_ids)) if library[1].decode(answer_ids[:k], skip_special_tokens=True) == expected)
+    response = client.chat.completions.create(model=FOLDER, messages=chat(example), stop=[stop, "never there"])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens == kept
+    text, _, chunks = streamed(client, example, stop=stop)
+    assert text == expected and finish_reason_of(chunks) == "stop"
+
+
+def test_max_tokens_sets_the_number_of_answer_slots(client, library):
+    example = next(example for example in QUESTIONS if len(library_answer(library, example)[0].split()) >= 2)
+    for slots in (1, 64):  # fewer than the checkpoint's 32, and more
+        expected, answer_ids = library_answer(library, example, max_new_tokens=slots)
+        response = client.chat.completions.create(model=FOLDER, messages=chat(example), max_tokens=slots)
+        assert response.choices[0].message.content == expected
+        assert response.usage.completion_tokens == len(answer_ids)
+        assert response.choices[0].finish_reason == ("length" if len(answer_ids) == slots else "stop")
+
+
+def test_temperature_top_p_and_seed_reproduce_generates_sampled_answer(client, library):
+    sampled = dict(temperature=3.0, top_p=0.9)  # hot enough that the answer depends on the random numbers
+    answers = set()
+    for example in QUESTIONS[:4]:
+        for seed in (1, 2):
+            expected, _ = library_answer(library, example, seed=seed, **sampled)
+            for _ in range(2):
+                response = client.chat.completions.create(model=FOLDER, messages=chat(example), seed=seed, **sampled)
+                assert response.choices[0].message.content == expected
+            answers.add(expected)
+    assert len(answers) > 4  # the seeds gave different samples
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"alg": "best"}, "`alg` must be one of"),
+        ({"steps": 0}, "`steps` must be an integer in [1,"),
+        ({"top_p": 1.5}, "`top_p` must be in (0, 1]"),
+        ({"num_beams": 4}, "cannot set ['num_beams']"),
+    ],
+)
+def test_a_bad_dimple_setting_is_a_400_with_dimples_message(client, setting, message):
+    extra = {"generation_config": json.dumps(setting)}
+    for stream in (False, True):
+        status, detail = status_and_detail(
+            lambda: client.chat.completions.create(
+                model=FOLDER, messages=chat(QUESTIONS[0]), extra_body=extra, stream=stream
+            )
+        )
+        assert status == 400 and message in json.loads(detail)["detail"]
+
+
+def test_a_negative_temperature_is_a_400_naming_it(client):
+    status, detail = status_and_detail(
+        lambda: client.chat.completions.create(model=FOLDER, messages=chat(QUESTIONS[0]), temperature=-1)
+    )
+    assert status == 400 and "`temperature` must be >= 0" in detail
+
+
+def test_an_answer_that_does_not_fit_the_positions_is_a_400(client):
+    for stream in (False, True):
+        status, detail = status_and_detail(
+            lambda: client.chat.completions.create(
+                model=FOLDER, messages=chat(QUESTIONS[0]), max_tokens=600, stream=stream
+            )
+        )
+        assert status == 400 and "exceed the model's 512 positions" in detail and "max_tokens" in detail
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+def test_eight_concurrent_clients_each_get_their_own_answer(server_url, library):
+    examples = QUESTIONS[:8]
+    expected = [library_answer(library, example)[0] for example in examples]
+
+    def ask(index: int) -> str:
+        client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        if index % 2:
+            return streamed(client, examples[index])[0]
+        return client.chat.completions.create(model=FOLDER, messages=chat(examples[index])).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == expected
