@@ -188,11 +188,13 @@ def remote_class(reference: str, repo: str, revision: str | None = None):
 
 def make_class_visible_to_serve(name: str, model_class) -> None:
     """serve loads `getattr(transformers, config.architectures[0])`: a remote-code class is made visible under its
-    architecture name (never shadowing a transformers class of that name)."""
-    import transformers
+    architecture name (never shadowing a transformers class of that name), in the module object serve's loader holds
+    (importing some transformers submodules replaces `sys.modules["transformers"]`, so `import transformers` here
+    may give another object)."""
+    from transformers.cli.serving import model_manager
 
-    if not hasattr(transformers, name):
-        setattr(transformers, name, model_class)
+    if not hasattr(model_manager.transformers, name):
+        setattr(model_manager.transformers, name, model_class)
 
 
 # ------------------------------------------------------------------------------------------- the cache's name

@@ -187,12 +187,15 @@ def test_stop_ends_the_answer_before_the_stop_string(client, library):
 
 def test_max_tokens_sets_the_number_of_answer_slots(client, library):
     example = next(example for example in QUESTIONS if len(library_answer(library, example)[0].split()) >= 2)
+    reasons = []
     for slots in (1, 64):  # fewer than the checkpoint's 32, and more
         expected, answer_ids = library_answer(library, example, max_new_tokens=slots)
         response = client.chat.completions.create(model=FOLDER, messages=chat(example), max_tokens=slots)
         assert response.choices[0].message.content == expected
         assert response.usage.completion_tokens == len(answer_ids)
         assert response.choices[0].finish_reason == ("length" if len(answer_ids) == slots else "stop")
+        reasons.append(response.choices[0].finish_reason)
+    assert reasons == ["length", "stop"]  # one slot holds the first word of the answer; 64 hold all of it
 
 
 def test_temperature_top_p_and_seed_reproduce_generates_sampled_answer(client, library):
@@ -206,6 +209,72 @@ def test_temperature_top_p_and_seed_reproduce_generates_sampled_answer(client, l
                 assert response.choices[0].message.content == expected
             answers.add(expected)
     assert len(answers) > 4  # the seeds gave different samples
+
+
+# ------------------------------------------------------------------------------------- without a server
+
+
+def prompt_inputs(processor, example):
+    messages = [{"role": "user", "content": [{"type": "image", "image": render(example.scene)},
+                                             {"type": "text", "text": example.question}]}]  # fmt: skip
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+class RecordingStreamer:
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_the_prefix_streamer_sends_each_settled_token_once_and_they_add_up_to_the_answer(library):
+    from serve_dimple import fitted_request, generate_answer, request_from_body
+
+    model, processor = library
+    one_by_one = {"alg": "autoregressive", "alg_p_threshold": None}
+    example = next(example for example in QUESTIONS if len(example.answer.split()) >= 3)
+    inputs = prompt_inputs(processor, example)
+    request = request_from_body({"generation_config": json.dumps(one_by_one)}, model.generation_config)
+    fitted_request(request, inputs["input_ids"].shape[1], model.config)
+    streamer = RecordingStreamer()
+    answer = generate_answer(model, processor, dict(inputs), request, streamer)
+    prompt, *deltas = streamer.puts
+    assert prompt == inputs["input_ids"].tolist() and streamer.ended
+    assert len(deltas) == len(answer) >= 3 and all(len(delta) == 1 for delta in deltas)  # a token per step
+    assert sum(deltas, []) == answer == library_answer(library, example, **one_by_one)[1]
+
+
+def test_a_tail_that_could_begin_a_stop_string_waits_for_the_next_slots(library):
+    from serve_dimple import before_stop
+
+    processor = library[1]
+    ids = processor.tokenizer("on the right")["input_ids"]
+    assert before_stop(processor, ids, ("the left",), complete=True) == ids  # the whole answer: no stop string
+    assert processor.decode(before_stop(processor, ids[:2], ("the left",), complete=False)) == "on"  # "the" waits
+    assert before_stop(processor, ids, ("the left",), complete=False) == ids[:2]  # "right"'s last "t" may be "the"
+    assert before_stop(processor, ids, ("left",), complete=False) == ids
+    assert processor.decode(before_stop(processor, ids, (" right",), complete=True)) == "on the"
+
+
+def test_a_request_keeps_the_checkpoints_answer_length_unless_max_tokens_sets_it(library):
+    # serve itself raises `max_new_tokens` to at least 1024: 32 + 1024 positions do not fit a 512-position model.
+    from serve_dimple import fitted_request, request_from_body
+
+    model, _ = library
+    for body, slots in (({}, CHECKPOINT_SLOTS), ({"max_tokens": 7}, 7), ({"max_completion_tokens": 9}, 9)):
+        request = fitted_request(request_from_body(body, model.generation_config), 40, model.config)
+        assert request.max_new_tokens == slots
+    body = {"temperature": 0.5, "top_p": 0.8, "seed": 3, "stop": "x", "generation_config": '{"steps": 4}'}
+    request = request_from_body(body, model.generation_config)
+    settings = request.settings
+    assert (settings.temperature, settings.top_p, settings.steps, request.seed, request.stop) == (0.5, 0.8, 4, 3, ("x",))
+    assert settings.alg == model.generation_config.alg and settings.decoding == "diffusion"
 
 
 # ------------------------------------------------------------------------------------------- refusals
