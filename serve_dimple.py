@@ -10,8 +10,9 @@ its model loading and processes), started with three of its classes replaced by 
   namespace, and reports a vision-language model so image parts reach the processor;
 - `DimpleChatCompletionHandler` maps each request to Dimple's settings (`DimpleRequest`, validated with Dimple's
   messages, a 400 when wrong or when the answer does not fit the model's positions) and generates through
-  `generate_answer`, which returns the answer without its pad slots and, when streaming, sends the committed answer
-  prefix as it grows (`CommittedPrefixStreamer`).
+  `generate_answer`: `model.generate` with the request's settings as keyword arguments (`stop` as `stop_strings`),
+  the answer returned without its pad slots and, when streaming, the committed answer prefix sent as it grows
+  (`CommittedPrefixStreamer`).
 
 What a request means here (docs/serving.md): the checkpoint's answer length unless `max_tokens` sets the number of
 answer slots; `temperature`, `top_p`, `seed` and Dimple's own settings (the `generation_config` field) per request;
@@ -44,9 +45,11 @@ UNSUPPORTED_FIELDS = ("frequency_penalty", "logit_bias")
 
 @dataclass
 class DimpleRequest:
-    """What one chat request generates with: the resolved settings, its seed and its stop strings."""
+    """What one chat request generates with: the settings it sets (keyword arguments of `generate`, validated with
+    the checkpoint's settings in `settings`), its seed and its stop strings."""
 
     settings: DimpleGenerationConfig
+    overrides: dict = field(default_factory=dict)
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -73,9 +76,8 @@ def request_from_body(body: dict, checkpoint_settings) -> DimpleRequest:
     if max_tokens is not None:
         overrides["max_new_tokens"] = max_tokens
     settings = DimpleGenerationConfig.from_dict(checkpoint_settings.to_dict())
-    settings.decoding = "diffusion"
     settings.update(**overrides)  # validates: Dimple's own messages
-    return DimpleRequest(settings, seed=request_seed(body.get("seed")), stop=stop_strings(body.get("stop")))
+    return DimpleRequest(settings, overrides, seed=request_seed(body.get("seed")), stop=stop_strings(body.get("stop")))
 
 
 def requested_settings(generation_config) -> dict:
@@ -111,48 +113,40 @@ def stop_strings(stop) -> tuple[str, ...]:
 
 def fitted_request(request: DimpleRequest, prompt_length: int, model_config) -> DimpleRequest:
     """The request with its number of answer slots fixed for this prompt; `ValueError` when they do not fit."""
-    settings = request.settings.fill_diffusion_defaults(model_config)
     max_positions = getattr(model_config, "max_position_embeddings", None)
-    settings.max_new_tokens = answer_length_without_template(settings, prompt_length, False, max_positions)
+    slots = answer_length_without_template(request.settings, prompt_length, max_positions)
     try:
-        check_fits(prompt_length, settings.max_new_tokens, max_positions)
+        check_fits(prompt_length, slots, max_positions)
     except ValueError as error:
         raise ValueError(f"{error} Through this API: send a smaller `max_tokens`.") from None
+    request.settings.max_new_tokens = request.overrides["max_new_tokens"] = slots
     return request
 
 
 # ---------------------------------------------------------------------------------------------- the answer
 
 
-def served_answer(processor, slots: list[int], stop: tuple[str, ...]) -> list[int]:
-    """The answer tokens of a finished canvas: the processor's answer (leftover masks dropped, the trailing end
-    tokens that pad the answer stripped), ended before the first stop string."""
-    return before_stop(processor, processor.answer_ids(slots), stop, complete=True)
-
-
 def settled_answer(processor, committed: list[int], stop: tuple[str, ...]) -> list[int]:
-    """The part of the final answer that a committed prefix (the slots left of the first mask) already fixes: its
-    trailing end tokens and a tail that could begin a stop string wait for the slots after them."""
-    return before_stop(processor, processor.answer_ids(committed), stop, complete=False)
+    """The part of the final answer that a committed prefix (the slots left of the first mask) already fixes: the
+    processor's answer (`answer_ids`) without the trailing end tokens and the tail that could begin a stop string,
+    which wait for the slots after them."""
+    return before_possible_stop(processor, processor.answer_ids(committed), stop)
 
 
-def before_stop(processor, ids: list[int], stop: tuple[str, ...], complete: bool) -> list[int]:
-    """The tokens before the first stop string (a stop string that begins inside a token ends the answer before
-    that token). With `complete=False` the text may go on, so a tail that is the start of a stop string is held
-    back too."""
+def before_possible_stop(processor, ids: list[int], stop: tuple[str, ...]) -> list[int]:
+    """The tokens before the first stop string, and before a tail that is the start of one (the text may go on).
+    A token that reaches into it is held back too, as `generate`'s `stop_strings` cut there."""
     if not stop:
         return ids
     text = processor.decode(ids, skip_special_tokens=True)
     starts = [text.find(word) for word in stop if word in text]
-    if not complete:
-        starts += [
-            start for word in stop for start in range(max(0, len(text) - len(word) + 1), len(text))
-            if word.startswith(text[start:])
-        ]  # fmt: skip
+    starts += [
+        start for word in stop for start in range(max(0, len(text) - len(word) + 1), len(text))
+        if word.startswith(text[start:])
+    ]  # fmt: skip
     if not starts:
         return ids
-    cut = min(starts)
-    kept = 0
+    cut, kept = min(starts), 0
     while kept < len(ids) and len(processor.decode(ids[: kept + 1], skip_special_tokens=True)) <= cut:
         kept += 1
     return ids[:kept]
@@ -160,9 +154,10 @@ def before_stop(processor, ids: list[int], stop: tuple[str, ...], complete: bool
 
 class CommittedPrefixStreamer:
     """Between diffusion decoding and serve's token streamer: after each step, the answer tokens the committed
-    prefix settles (`settled_answer`) that were not sent yet; at the end, the rest of `served_answer`. A committed
-    slot never changes, so what is sent is never taken back, and the tokens sent add up to the non-streaming answer.
-    Drafts (slots committed right of a mask) are not sent: an OpenAI delta can only append text."""
+    prefix settles (`settled_answer`) that were not sent yet; at the end, the rest of the answer (`answer_ids` of the
+    final slots, which `generate` already cut at a stop string). A committed slot never changes, so what is sent is
+    never taken back, and the tokens sent add up to the non-streaming answer. Drafts (slots committed right of a
+    mask) are not sent: an OpenAI delta can only append text."""
 
     def __init__(self, streamer, processor, request: DimpleRequest):
         self.streamer, self.processor, self.request = streamer, processor, request
@@ -175,7 +170,7 @@ class CommittedPrefixStreamer:
             self.prompt_seen = True
             self.streamer.put(value)
             return
-        self.send(served_answer(self.processor, value[0].tolist(), self.request.stop))
+        self.send(self.processor.answer_ids(value[0].tolist()))
 
     def put_draft(self, value: torch.Tensor):
         slots = value[0].tolist()
@@ -199,8 +194,9 @@ def generate_answer(model, processor, inputs, request: DimpleRequest, streamer=N
         set_seed(request.seed)  # here, right before decoding: requests run one at a time on this thread
     inputs = {name: value.to(model.device) if hasattr(value, "to") else value for name, value in inputs.items()}
     prefix_streamer = None if streamer is None else CommittedPrefixStreamer(streamer, processor, request)
-    sequences = model.generate(**inputs, generation_config=request.settings, streamer=prefix_streamer)
-    return served_answer(processor, sequences[0, inputs["input_ids"].shape[-1] :].tolist(), request.stop)
+    stop = {"stop_strings": list(request.stop), "tokenizer": processor} if request.stop else {}
+    sequences = model.generate(**inputs, **request.overrides, **stop, decoding="diffusion", streamer=prefix_streamer)
+    return processor.answer_ids(sequences[0, inputs["input_ids"].shape[-1] :].tolist())
 
 
 # --------------------------------------------------------------------------------------- serve's classes

@@ -251,15 +251,14 @@ def test_the_prefix_streamer_sends_each_settled_token_once_and_they_add_up_to_th
 
 
 def test_a_tail_that_could_begin_a_stop_string_waits_for_the_next_slots(library):
-    from serve_dimple import before_stop
+    from serve_dimple import before_possible_stop
 
     processor = library[1]
     ids = processor.tokenizer("on the right")["input_ids"]
-    assert before_stop(processor, ids, ("the left",), complete=True) == ids  # the whole answer: no stop string
-    assert processor.decode(before_stop(processor, ids[:2], ("the left",), complete=False)) == "on"  # "the" waits
-    assert before_stop(processor, ids, ("the left",), complete=False) == ids[:2]  # "right"'s last "t" may be "the"
-    assert before_stop(processor, ids, ("left",), complete=False) == ids
-    assert processor.decode(before_stop(processor, ids, (" right",), complete=True)) == "on the"
+    assert before_possible_stop(processor, ids, ("left",)) == ids  # no stop string can start in it
+    assert processor.decode(before_possible_stop(processor, ids[:2], ("the left",))) == "on"  # "the" waits
+    assert before_possible_stop(processor, ids, ("the left",)) == ids[:2]  # the last "t" may begin "the left"
+    assert processor.decode(before_possible_stop(processor, ids, (" right",))) == "on the"  # a stop string in it
 
 
 def test_a_request_keeps_the_checkpoints_answer_length_unless_max_tokens_sets_it(library):
@@ -274,7 +273,8 @@ def test_a_request_keeps_the_checkpoints_answer_length_unless_max_tokens_sets_it
     request = request_from_body(body, model.generation_config)
     settings = request.settings
     assert (settings.temperature, settings.top_p, settings.steps, request.seed, request.stop) == (0.5, 0.8, 4, 3, ("x",))
-    assert settings.alg == model.generation_config.alg and settings.decoding == "diffusion"
+    assert request.overrides == {"temperature": 0.5, "top_p": 0.8, "steps": 4}
+    assert settings.alg == model.generation_config.alg
 
 
 # ------------------------------------------------------------------------------------------- refusals
