@@ -3,7 +3,7 @@
     python -m serve_dimple checkpoints/dimple-shapes [transformers serve options, e.g. --port 8000]
 
 This is `transformers serve` (its FastAPI app, OpenAI-compatible `/v1/chat/completions` with images, SSE streaming,
-its model loading and processes), started with three of its classes replaced by Dimple's subclasses
+its model loading and processes), started with two of its classes replaced by Dimple's subclasses
 (`transformers_compat.install_serve_classes`; the overrides are listed in `transformers_compat.SERVE_HOOKS`):
 
 - `DimpleServeLoader` loads the folder's remote-code class, which serve would look up in the `transformers`

@@ -130,7 +130,7 @@ RELIED_ON = {
 # `transformers serve` cannot load remote code (it looks the model class up by name in the `transformers` namespace)
 # and calls `generate` with autoregressive defaults. `serve_dimple.py` subclasses three of its classes and puts the
 # subclasses where serve's CLI looks them up (`install_serve_classes`); these are their overrides, with the serve code
-# that calls each. serve moved to a model process in 5.25: `SERVE_MODEL_PROCESS` tells which layout is installed.
+# that calls each. serve moved `generate` to a model process in 5.25: `serve_internals().model_process` says which.
 SERVE_HOOKS = {
     "serve_dimple.DimpleServeLoader._load_model":
         "load_model_and_processor of serve's loader (ModelManager <= 5.24; ModelLoader 5.25, in the model process)",
@@ -165,7 +165,6 @@ def serve_internals():
         ModelManager=model_manager.ModelManager,
         GenerationState=utils.GenerationState,
         Modality=utils.Modality,
-        set_torch_seed=utils.set_torch_seed,
         prompt_length=getattr(utils, "prompt_length", None),
         # <= 5.24: streaming runs in the server's process with these; 5.25 streams through `EngineClient.submit_*`
         DirectStreamer=getattr(utils, "DirectStreamer", None),
