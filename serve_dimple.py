@@ -43,7 +43,7 @@ REQUEST_SETTINGS = (
 UNSUPPORTED_FIELDS = ("frequency_penalty", "logit_bias")
 
 
-@dataclass
+@dataclass(repr=False)
 class DimpleRequest:
     """What one chat request generates with: the settings it sets (keyword arguments of `generate`, validated with
     the checkpoint's settings in `settings`), its seed and its stop strings."""
@@ -57,6 +57,9 @@ class DimpleRequest:
     def max_new_tokens(self) -> int | None:
         """The number of answer slots (serve's `finish_reason` compares the answer's length with it)."""
         return self.settings.max_new_tokens
+
+    def __repr__(self) -> str:  # serve logs each request's settings on one line
+        return f"DimpleRequest({self.overrides}, seed={self.seed}, stop={list(self.stop)})"
 
 
 # --------------------------------------------------------------------------------------------- the request
@@ -135,10 +138,11 @@ def settled_answer(processor, committed: list[int], stop: tuple[str, ...]) -> li
 
 def before_possible_stop(processor, ids: list[int], stop: tuple[str, ...]) -> list[int]:
     """The tokens before the first stop string, and before a tail that is the start of one (the text may go on).
-    A token that reaches into it is held back too, as `generate`'s `stop_strings` cut there."""
+    A token that reaches into it is held back too. The text is decoded as `generate`'s `stop_strings` decode it
+    (special tokens kept), so nothing sent is cut later."""
     if not stop:
         return ids
-    text = processor.decode(ids, skip_special_tokens=True)
+    text = processor.decode(ids)
     starts = [text.find(word) for word in stop if word in text]
     starts += [
         start for word in stop for start in range(max(0, len(text) - len(word) + 1), len(text))
@@ -147,7 +151,7 @@ def before_possible_stop(processor, ids: list[int], stop: tuple[str, ...]) -> li
     if not starts:
         return ids
     cut, kept = min(starts), 0
-    while kept < len(ids) and len(processor.decode(ids[: kept + 1], skip_special_tokens=True)) <= cut:
+    while kept < len(ids) and len(processor.decode(ids[: kept + 1])) <= cut:
         kept += 1
     return ids[:kept]
 
