@@ -20,9 +20,14 @@ answer slots; `temperature`, `top_p`, `seed` and Dimple's own settings (the `gen
 `usage.completion_tokens` counts answer tokens.
 """
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import torch
@@ -353,6 +358,49 @@ class DimpleChatCompletionHandler(SERVE.chat_handler_class):
 
 
 # ----------------------------------------------------------------------------------------------------- main
+
+
+@contextlib.contextmanager
+def running_server(folder: str, *options: str, host: str = "127.0.0.1", port: int | None = None, log=None,
+                   env: dict | None = None, timeout: float = 300):  # fmt: skip
+    """`python -m serve_dimple folder --host host --port port *options` in a subprocess, for scripts and tests:
+    yields the base URL once `/health` answers, and stops the server on exit. `port=None` takes a free one; the
+    server's output goes to `log` (a path), else is discarded; `env` adds environment variables."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "serve_dimple", folder, "--host", host, "--port", str(port), *options]
+    with open(log or os.devnull, "w") as output:  # a file: a full pipe would block the server
+        cwd = os.path.dirname(os.path.abspath(__file__))  # where `-m serve_dimple` is found
+        environment = {**os.environ, **(env or {})}
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=cwd, env=environment)
+    url = f"http://{host}:{port}"
+    try:
+        wait_until_healthy(url, server, timeout)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"The server exited with status {server.returncode} before answering (see its log).")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"No healthy server at {url} after {timeout} s.")
+
 
 USAGE = "usage: python -m serve_dimple FOLDER [transformers serve options]  (python -m serve_dimple --help)"
 

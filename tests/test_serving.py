@@ -7,12 +7,7 @@ with `model.generate`'s answer for the same image and question, computed here wi
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,46 +23,17 @@ FOLDER = "checkpoints/dimple-shapes"  # as given on the command line: the name r
 CHECKPOINT_SLOTS = 32  # the shipped generation_config.json's max_new_tokens
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, log, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"no healthy server at {url} after {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules"))}
-    command = [sys.executable, "-m", "serve_dimple", FOLDER, "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path_factory.mktemp("server") / "server.log"  # a file: a full pipe would block the server
-    with log.open("w") as output:
-        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    from serve_dimple import running_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules"))}
     try:
-        wait_until_healthy(url, server, log)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert server.returncode is not None
+        with running_server(FOLDER, log=log, env=env) as url:
+            yield url
+    except (RuntimeError, TimeoutError) as error:
+        raise RuntimeError(f"{error}\n{log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture(scope="module")
