@@ -80,9 +80,9 @@ def request_from_body(body: dict, checkpoint_settings) -> DimpleRequest:
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             overrides[name] = body[name]
-    max_tokens = next((body[name] for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None), None)
-    if max_tokens is not None:
-        overrides["max_new_tokens"] = max_tokens
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins, as in serve
+        if body.get(name) is not None:
+            overrides["max_new_tokens"] = body[name]
     settings = DimpleGenerationConfig.from_dict(checkpoint_settings.to_dict())
     settings.update(**overrides)  # validates: Dimple's own messages
     return DimpleRequest(settings, overrides, seed=request_seed(body.get("seed")), stop=stop_strings(body.get("stop")))
