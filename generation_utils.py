@@ -556,6 +556,7 @@ class StepRules:
 
     @classmethod
     def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
+        config = config.with_defaults()  # unset settings as the defaults they resolve to
         values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if name != "slot_count"}
         values["slot_count"] = ALGORITHMS[config.alg].slot_counts[config.decoding_pipeline]
         values["temperature"] = values["temperature"] or 0.0
@@ -968,7 +969,7 @@ class AnswerStops:
         strings = config.stop_strings
         strings = (strings,) if isinstance(strings, str) else tuple(strings or ())
         if not all(isinstance(string, str) and string for string in strings):
-            raise TypeError(f"`stop_strings` must be a non-empty string or a list of them, got {config.stop_strings!r}.")
+            raise TypeError(f"`stop_strings` must be a non-empty string or a list of them, got {strings!r}.")
         if strings and tokenizer is None:
             raise ValueError("`stop_strings` needs the tokenizer to read the answer: pass `tokenizer=` as well.")
         eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
