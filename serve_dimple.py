@@ -170,7 +170,7 @@ class CommittedPrefixStreamer:
 
     def __init__(self, streamer, processor, request: DimpleRequest):
         self.streamer, self.processor, self.request = streamer, processor, request
-        self.mask_token_id = request.settings.mask_token_id
+        self.mask_token_id = processor.mask_token_id  # a folder's generation config may leave it to config.json
         self.prompt_seen = False
         self.sent: list[int] = []
 

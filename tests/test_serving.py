@@ -217,6 +217,23 @@ def test_the_prefix_streamer_sends_each_settled_token_once_and_they_add_up_to_th
     assert [token for delta in deltas for token in delta] == answer == library_answer(library, example, **one_by_one)[1]
 
 
+def test_the_prefix_streamer_stops_at_the_first_mask_when_the_generation_config_names_no_mask_id(library):
+    # The released 7B's generation_config.json has no mask_token_id (config.json has it).
+    from transformers import GenerationConfig
+
+    from serve_dimple import CommittedPrefixStreamer, request_from_body
+
+    processor = library[1]
+    request = request_from_body({}, GenerationConfig(max_new_tokens=4))
+    words = processor.tokenizer("on the right")["input_ids"]
+    streamer = RecordingStreamer()
+    prefix_streamer = CommittedPrefixStreamer(streamer, processor, request)
+    prefix_streamer.put(torch.tensor([[1, 2]]))  # the prompt
+    prefix_streamer.put_draft(torch.tensor([[words[0], processor.mask_token_id, words[2], words[1]]]))
+    prefix_streamer.put(torch.tensor([[words[0], words[1], words[2], words[1]]]))
+    assert streamer.puts == [[[1, 2]], words[:1], [words[1], words[2], words[1]]]
+
+
 def test_a_tail_that_could_begin_a_stop_string_waits_for_the_next_slots(library):
     from serve_dimple import before_possible_stop
 
