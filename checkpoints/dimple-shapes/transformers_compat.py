@@ -126,9 +126,15 @@ RELIED_ON = {
         "test_habits.py::test_autoregressive_only_settings_raise_naming_them",
 }  # fmt: skip
 
+def standard_generation_defaults() -> dict:
+    """What transformers' `generate` gives each standard setting that nothing sets (`max_length=20`, `num_beams=1`,
+    `repetition_penalty=1.0`, ...): values at which a setting asks for nothing."""
+    return GenerationConfig._get_default_generation_params()
+
+
 # ------------------------------------------------------------------------------------- transformers serve
 # `transformers serve` cannot load remote code (it looks the model class up by name in the `transformers` namespace)
-# and calls `generate` with autoregressive defaults. `serve_dimple.py` subclasses three of its classes and puts the
+# and calls `generate` with autoregressive defaults. `serve_dimple.py` subclasses two of its classes and puts the
 # subclasses where serve's CLI looks them up (`install_serve_classes`); these are their overrides, with the serve code
 # that calls each. serve moved `generate` to a model process in 5.25: `serve_internals().model_process` says which.
 SERVE_HOOKS = {
@@ -198,12 +204,6 @@ def make_class_visible_to_serve(name: str, model_class) -> None:
 
     if not hasattr(model_manager.transformers, name):
         setattr(model_manager.transformers, name, model_class)
-
-
-def standard_generation_defaults() -> dict:
-    """What transformers' `generate` gives each standard setting that nothing sets (`max_length=20`, `num_beams=1`,
-    `repetition_penalty=1.0`, ...): values at which a setting asks for nothing."""
-    return GenerationConfig._get_default_generation_params()
 
 
 # ------------------------------------------------------------------------------------------- the cache's name
