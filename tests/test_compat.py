@@ -285,11 +285,14 @@ def test_outputs_match_the_recording_from_the_oldest_supported_release():
 # ------------------------------------------------------------------------------------ overridden hooks
 
 
-def overrides_of_transformers_methods() -> set[str]:
+PACKAGE_MODULES = ("configuration_dimple", "generation_utils", "image_processing_dimple", "modeling_dimple",
+                   "processing_dimple", "training_dimple")  # fmt: skip
+
+
+def overrides_of_transformers_methods(module_names=PACKAGE_MODULES) -> set[str]:
     """`module.Class.method` of every method a Dimple class defines over a method of a transformers base class."""
     found = set()
-    for module_name in ("configuration_dimple", "generation_utils", "image_processing_dimple", "modeling_dimple",
-                        "processing_dimple", "training_dimple"):  # fmt: skip
+    for module_name in module_names:
         module = importlib.import_module(module_name)
         for cls in vars(module).values():
             if not inspect.isclass(cls) or cls.__module__ != module_name:
@@ -307,11 +310,11 @@ def test_every_override_of_a_transformers_method_is_listed_beside_the_imported_i
     assert overrides_of_transformers_methods() == listed
 
 
-def spy_on_hooks(monkeypatch) -> collections.Counter:
+def spy_on_hooks(monkeypatch, hooks=transformers_compat.OVERRIDDEN_HOOKS) -> collections.Counter:
     """Wrap every listed hook so that a call from transformers' code is counted (calls from Dimple's own code or
     the test are not); `functools.wraps` keeps the signature transformers inspects."""
     calls = collections.Counter()
-    for hook in transformers_compat.OVERRIDDEN_HOOKS:
+    for hook in hooks:
         module_name, class_name, name = hook.split(".")
         cls = getattr(importlib.import_module(module_name), class_name)
         value = vars(cls)[name]
@@ -323,7 +326,8 @@ def spy_on_hooks(monkeypatch) -> collections.Counter:
             return _method(*args, **kwargs)
 
         counted = functools.wraps(method)(counted)
-        monkeypatch.setattr(cls, name, classmethod(counted) if isinstance(value, classmethod) else counted)
+        kind = type(value) if isinstance(value, (classmethod, staticmethod)) else None
+        monkeypatch.setattr(cls, name, kind(counted) if kind else counted)
     return calls
 
 
@@ -364,3 +368,70 @@ def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, 
     build_trainer(model, processor, samples, "diffusion", args).train()
     model.resize_token_embeddings(model.config.vocab_size + 8)
     assert [hook for hook in transformers_compat.OVERRIDDEN_HOOKS if not calls[hook]] == []
+
+
+# ------------------------------------------------------------------------------- transformers serve's hooks
+
+
+def serve_hooks_of_this_release(serve_dimple) -> list[str]:
+    """The listed serve hooks this release has: `_build_generation_config` up to 5.24, `_build_generation_kwargs`
+    from 5.25 (the handler defines the one its release calls)."""
+    return [hook for hook in transformers_compat.SERVE_HOOKS if hasattr(getattr(serve_dimple, hook.split(".")[1]),
+                                                                        hook.split(".")[2])]  # fmt: skip
+
+
+def test_every_override_of_a_transformers_serve_method_is_listed():
+    serve_dimple = pytest.importorskip("serve_dimple", reason="serving extras: requirements-serve.txt")
+    assert overrides_of_transformers_methods(["serve_dimple"]) == set(serve_hooks_of_this_release(serve_dimple))
+    other_release = set(transformers_compat.SERVE_HOOKS) - set(serve_hooks_of_this_release(serve_dimple))
+    assert len(other_release) == 1 and not any(hasattr(serve_dimple.SERVE.chat_handler_class, hook.split(".")[2])
+                                               for hook in other_release)  # fmt: skip
+
+
+def test_transformers_serve_still_calls_every_serving_hook(monkeypatch):
+    """serve's own code, in this process: its loader loads the shipped folder, its chat handler answers a request
+    with an image, plain and streamed (from 5.25 through a model process it starts)."""
+    import asyncio
+    import base64
+    import io
+
+    from shapes.task import make_examples, render
+
+    serve_dimple = pytest.importorskip("serve_dimple", reason="serving extras: requirements-serve.txt")
+    serve = serve_dimple.SERVE
+    hooks = serve_hooks_of_this_release(serve_dimple)
+    calls = spy_on_hooks(monkeypatch, hooks)
+    # what `install_serve_classes` does, undone after the test
+    monkeypatch.setattr(sys.modules[serve.loader_class.__module__], serve.loader_class.__name__,
+                        serve_dimple.DimpleServeLoader)  # fmt: skip
+    folder = str(REPO_ROOT / "checkpoints" / "dimple-shapes")
+    if serve.model_process:
+        loader = serve_dimple.DimpleServeLoader(trust_remote_code=True)
+        loader.load_model_and_processor(folder)  # what the model's process does first
+        manager = serve.ModelManager(loader, serve.GenerationState(), force_model=folder)
+    else:
+        manager = serve_dimple.DimpleServeLoader(trust_remote_code=True, force_model=folder)
+    handler = serve_dimple.DimpleChatCompletionHandler(model_manager=manager, generation_state=serve.GenerationState())
+    example = make_examples(seed=7, count=1)[0]
+    png = io.BytesIO()
+    render(example.scene).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    body = {"model": folder, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": example.question}]}]}  # fmt: skip
+
+    async def ask():
+        plain = await handler.handle_request(dict(body), "plain")
+        stream = await handler.handle_request({**body, "stream": True}, "stream")
+        return plain, [chunk async for chunk in stream.body_iterator]
+
+    try:
+        plain, chunks = asyncio.run(ask())
+    finally:
+        manager.shutdown()
+    answer = json.loads(plain.body)["choices"][0]["message"]["content"]
+    streamed = "".join(
+        json.loads(chunk[len("data: "):])["choices"][0]["delta"].get("content", "")
+        for chunk in "".join(chunks).split("\n\n") if chunk.startswith("data: {") and '"choices":[{' in chunk
+    )  # fmt: skip
+    assert answer and streamed == answer
+    assert [hook for hook in hooks if not calls[hook]] == []

@@ -134,11 +134,84 @@ RELIED_ON = {
         "test_habits.py::test_autoregressive_only_settings_raise_naming_them",
 }  # fmt: skip
 
-
 def standard_generation_defaults() -> dict:
     """What transformers' `generate` gives each standard setting that nothing sets (`max_length=20`, `num_beams=1`,
     `repetition_penalty=1.0`, ...): values at which a setting asks for nothing."""
     return GenerationConfig._get_default_generation_params()
+
+
+# ------------------------------------------------------------------------------------- transformers serve
+# `transformers serve` cannot load remote code (it looks the model class up by name in the `transformers` namespace)
+# and calls `generate` with autoregressive defaults. `serve_dimple.py` subclasses two of its classes and puts the
+# subclasses where serve's CLI looks them up (`install_serve_classes`); these are their overrides, with the serve code
+# that calls each. serve moved `generate` to a model process in 5.25: `serve_internals().model_process` says which.
+SERVE_HOOKS = {
+    "serve_dimple.DimpleServeLoader._load_model":
+        "load_model_and_processor of serve's loader (ModelManager <= 5.24; ModelLoader 5.25, in the model process)",
+    "serve_dimple.DimpleServeLoader.get_model_modality":
+        "ChatCompletionHandler.handle_request (<= 5.24); EngineClient.modality (5.25): VLM, so images reach the chat",
+    "serve_dimple.DimpleChatCompletionHandler._build_generation_config":
+        "ChatCompletionHandler.handle_request (<= 5.24): the request's diffusion settings, validated",
+    "serve_dimple.DimpleChatCompletionHandler._build_generation_kwargs":
+        "ChatCompletionHandler.handle_request (5.25): the request's diffusion settings, validated",
+    "serve_dimple.DimpleChatCompletionHandler._streaming":
+        "ChatCompletionHandler.handle_request: committed answer prefix as deltas",
+    "serve_dimple.DimpleChatCompletionHandler._non_streaming":
+        "ChatCompletionHandler.handle_request: the answer without its pad slots",
+}  # fmt: skip
+
+
+def serve_internals():
+    """The `transformers serve` internals `serve_dimple.py` builds on, imported only when serving (they need the
+    `transformers[serving]` extras). Differences between releases are resolved here: the loader class is
+    `ModelManager` up to 5.24 and `ModelLoader` (with a spawned model process, `EngineClient`) from 5.25."""
+    from types import SimpleNamespace
+
+    from transformers.cli.serving import chat_completion, model_manager, utils
+    from transformers.cli.transformers import app
+
+    model_process = hasattr(model_manager, "EngineClient")
+    return SimpleNamespace(
+        cli=app,
+        model_process=model_process,
+        loader_class=model_manager.ModelLoader if model_process else model_manager.ModelManager,
+        chat_handler_class=chat_completion.ChatCompletionHandler,
+        ModelManager=model_manager.ModelManager,
+        GenerationState=utils.GenerationState,
+        Modality=utils.Modality,
+        prompt_length=getattr(utils, "prompt_length", None),
+        # <= 5.24: streaming runs in the server's process with these; 5.25 streams through `EngineClient.submit_*`
+        DirectStreamer=getattr(utils, "DirectStreamer", None),
+        GenerationCancelled=utils._GenerationCancelled,
+        StreamError=utils._StreamError,
+    )
+
+
+def install_serve_classes(loader_class, chat_handler_class) -> None:
+    """Make serve's CLI build Dimple's loader and chat handler: it imports both by name from these modules when it
+    starts (`Serve.__init__` / `Serve.run`), and 5.25's `EngineClient.modality` asks the loader module's class."""
+    from transformers.cli.serving import chat_completion, model_manager
+
+    setattr(model_manager, serve_internals().loader_class.__name__, loader_class)
+    chat_completion.ChatCompletionHandler = chat_handler_class
+
+
+def remote_class(reference: str, repo: str, revision: str | None = None):
+    """The remote-code class `module.Class` of a folder or Hub repo (the one `auto_map` names)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(reference, repo, revision=revision)
+
+
+def make_class_visible_to_serve(name: str, model_class) -> None:
+    """serve loads `getattr(transformers, config.architectures[0])`: a remote-code class is made visible under its
+    architecture name (never shadowing a transformers class of that name), in the module object serve's loader holds
+    (importing some transformers submodules replaces `sys.modules["transformers"]`, so `import transformers` here
+    may give another object)."""
+    from transformers.cli.serving import model_manager
+
+    if not hasattr(model_manager.transformers, name):
+        setattr(model_manager.transformers, name, model_class)
 
 
 # ------------------------------------------------------------------------------------------- the cache's name
@@ -194,13 +267,18 @@ __all__ = [
     "PRETOKENIZE_REGEX",
     "ProcessorMixin",
     "RELIED_ON",
+    "SERVE_HOOKS",
     "cache_kwarg",
     "cached_file",
     "check_transformers_version",
     "get_image_type",
     "get_tokenizer_config",
+    "install_serve_classes",
     "make_batched_videos",
+    "make_class_visible_to_serve",
     "output_cache",
+    "remote_class",
+    "serve_internals",
     "standard_generation_defaults",
     "warn_old_cache_name",
 ]
