@@ -89,9 +89,12 @@ LABELS = {
 CSS = """
 #outputs.stale { opacity: 0.45; transition: opacity 0.2s; }
 #image-note p { margin: 0; color: var(--body-text-color-subdued); }
+/* Gradio paints a refused field red; these messages are guidance (what to do), so they look like a hint. */
+div.validation-error { color: #1e40af !important; background: #eff6ff !important; border-color: #93c5fd !important; }
+input.validation-error, textarea.validation-error { border-color: #60a5fa !important; }
 @media (max-width: 640px) {
-  #intro p { font-size: 0.85em; }
-  #image .image-container { max-height: 170px; }
+  #intro { font-size: 0.85em; }
+  #image { height: 170px !important; }
 }
 """
 # Inputs edited after an answer: the outputs (about the previous inputs) fade until the next answer starts.
@@ -557,7 +560,7 @@ class Checks:
     def _image(self, value, problems: dict) -> Upload | None:
         if value is None:
             problems["image"] = (
-                "Upload an image, press “Draw a shapes scene”, or pick an example: Dimple answers questions about "
+                "Upload an image, press “Draw a scene”, or pick an example: Dimple answers questions about "
                 "an image."
             )
             return None
@@ -781,21 +784,18 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
     with gr.Blocks(title="Dimple: watch it think", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "## Dimple: watch it think\n"
-            "A discrete-diffusion VLM fills a canvas of masked slots, several per forward pass: "
-            f"{BLANK_TEXT} undecided, orange committed in this step, green earlier, blue your template's fixed text, "
-            f"{END_TEXT} end-of-answer padding. **Watch it think** turns the confidence threshold off and sets "
-            f"{WATCH_SLOTS_PER_STEP} slots per step, so the canvas fills visibly.",
+            "A discrete-diffusion VLM answers by filling a canvas of masked slots, several per forward pass "
+            f"({BLANK_TEXT}: undecided, {END_TEXT}: end-of-answer padding).",
             elem_id="intro",
         )
         with gr.Row(equal_height=False):
             with gr.Column(min_width=320):
+                # A file path, read by the app: Gradio's own reading would clip 16-bit pictures and fail on bad files.
                 image = read_leniently(
-                    gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image", height=220)
+                    gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image", height=210)
                 )
                 image_note = gr.Markdown("", elem_id="image-note")
-                question = gr.Textbox(
-                    DEFAULT_QUESTION, label="Question", elem_id="question", info="Enter answers.", max_lines=4
-                )
+                question = gr.Textbox(DEFAULT_QUESTION, label="Question (Enter answers)", elem_id="question", max_lines=4)
                 template = gr.Textbox(
                     "",
                     label="Response template (optional)",
@@ -806,15 +806,20 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                     run = gr.Button("Answer", variant="primary", elem_id="run", min_width=100)
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop", min_width=100)
                 with gr.Row():
-                    watch_button = gr.Button("Watch it think", elem_id="watch", min_width=100)
-                    reset = gr.Button("Checkpoint's settings", elem_id="reset", min_width=100)
-                scene = gr.Button("Draw a shapes scene", elem_id="scene", size="sm")
+                    watch_button = gr.Button("Watch it think", elem_id="watch", size="sm", min_width=90)
+                    reset = gr.Button("Checkpoint's settings", elem_id="reset", size="sm", min_width=90)
+                    scene = gr.Button("Draw a scene", elem_id="scene", size="sm", min_width=90)
             with gr.Column(min_width=320, elem_id="outputs"):
                 canvas = gr.HighlightedText(
                     label="Canvas", color_map=COLOR_MAP, show_legend=True, show_inline_category=False, elem_id="canvas"
                 )
                 answer_box = gr.Textbox(label="Answer", elem_id="answer")
-                stats = gr.Textbox(label="Decoding", elem_id="stats")
+                stats = gr.Textbox(
+                    label="Decoding",
+                    elem_id="stats",
+                    placeholder=f"A confident model fills its whole answer in one pass: “Watch it think” turns the "
+                    f"threshold γ off and commits {WATCH_SLOTS_PER_STEP} slots per step, so the canvas fills visibly.",
+                )
                 step = gr.Slider(0, 1, 0, step=1, label="Replay step", interactive=False, elem_id="replay")
                 with gr.Column(visible=False, elem_id="gif-box") as gif_box:  # no empty file box before a run
                     gif = gr.File(label="The steps as an animated GIF", elem_id="gif")
