@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 REPO_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from image_processing_dimple import read_image  # noqa: E402
 from generation_utils import ALGORITHMS, PIPELINES, RELEASED_CHAT_SETTINGS  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
 from processing_dimple import DimpleProcessor  # noqa: E402
@@ -193,36 +194,35 @@ def upload_name(value) -> str:
     return Path(value).name
 
 
-def model_picture(picture: Image.Image) -> Image.Image:
-    """The frame the model reads, in its own mode: the processor brings wide modes (16-bit greyscale, ...) to 8 bits."""
-    return picture.copy()
-
-
 def read_upload(value) -> Upload:
     """The image file the page holds (a path), or a `ValueError` that says what to upload instead."""
     name = upload_name(value)
     if isinstance(value, Unread) and isinstance(value.error, Image.DecompressionBombError):
         raise ValueError(too_large(name))
     if isinstance(value, Unread):
-        raise ValueError(f"{name} is not an image this demo can read; upload a PNG, JPEG, WebP or GIF picture.")
+        raise ValueError(not_an_image(name))
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the size
             with Image.open(value) as picture:
                 if picture.width * picture.height > MAX_PIXELS:
                     raise ValueError(too_large(name, picture.size))
                 frames = getattr(picture, "n_frames", 1)
-                picture.seek(0)
-                picture.load()
-                return Upload(model_picture(picture), frames)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+                picture.load()  # reads the first frame to its end: a cut file fails here
+            # The package's reader, as inference and fine-tuning read images (16-bit greyscale to 8 bits, EXIF, ...).
+            return Upload(read_image(value), frames)
+    except Image.DecompressionBombError as error:
         raise ValueError(too_large(name)) from error
     except UnidentifiedImageError as error:
-        raise ValueError(f"{name} is not an image this demo can read; upload a PNG, JPEG, WebP or GIF picture.") from error
+        raise ValueError(not_an_image(name)) from error
     except (OSError, SyntaxError) as error:  # Pillow's errors for a cut or damaged file
         raise ValueError(
             f"{name} is cut short or damaged (Pillow: {error}); upload the complete file, or save it again."
         ) from error
+
+
+def not_an_image(name: str) -> str:
+    return f"{name} is not an image this demo can read; upload a PNG, JPEG, WebP or GIF picture."
 
 
 def too_large(name: str, size: tuple[int, int] | None = None) -> str:
