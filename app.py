@@ -93,6 +93,9 @@ CSS = """
 /* Gradio paints a refused field red; these messages are guidance (what to do), so they look like a hint. */
 div.validation-error { color: #1e40af !important; background: #eff6ff !important; border-color: #93c5fd !important; }
 input.validation-error, textarea.validation-error { border-color: #60a5fa !important; }
+/* The image's message covers its toolbar: clicks pass through it (Remove, Upload), except on its own close button. */
+#image div.validation-error { pointer-events: none; }
+#image div.validation-error button { pointer-events: auto; }
 @media (max-width: 640px) {
   #intro { font-size: 0.85em; }
   #image { height: 170px !important; }
