@@ -3,7 +3,7 @@
 Needs the optional app dependencies (`pip install -r requirements-app.txt`) and is skipped without gradio; the browser
 tests also need Playwright and a system Chromium (`apt-get install chromium`) and are skipped without them. Set
 `APP_SCREENSHOTS=docs` to refresh docs/web-demo.md's screenshots (desktop and a 390 px phone, mid-decoding and
-finished).
+finished) and the README's (app-canvas.png).
 """
 
 import os
@@ -544,6 +544,7 @@ def ask_in_page(page, image, question, template="", submit="click"):
 def screenshot(page, name: str, tmp_path):
     """Save a screenshot: into APP_SCREENSHOTS (docs/) when set, else a scratch folder."""
     folder = Path(os.environ.get("APP_SCREENSHOTS", tmp_path))
+    page.evaluate("window.scrollTo(0, 0)")  # the first view
     page.wait_for_timeout(400)  # let the chips' colour transitions finish
     page.screenshot(path=folder / name)
 
@@ -568,7 +569,7 @@ def test_browser_streams_the_canvas_and_shows_diffusion_generates_answer(page, d
     question = "Describe the image."
     ask_in_page(page, scene, question)
     page.wait_for_function(mid_decoding(0.6), timeout=120_000)
-    screenshot(page, "app-canvas.png", tmp_path)
+    screenshot(page, "app-desktop-decoding.png", tmp_path)
     page.wait_for_function(ANSWERED, timeout=120_000)
     expected = reference(dimple, Image.open(scene).convert("RGB"), question, **SETTINGS)[0]
     assert page.locator("#answer textarea").input_value() == expected
@@ -576,6 +577,11 @@ def test_browser_streams_the_canvas_and_shows_diffusion_generates_answer(page, d
     assert page.locator("#gif").is_visible()
     assert "dimple-describe-the-image-8-steps.gif" in page.locator("#gif").inner_text().replace("\n", "")
     screenshot(page, "app-desktop-finished.png", tmp_path)
+    # The replay slider brings back step 6 of 8 beside the final answer: the README's picture.
+    page.locator("#replay input[type=number]").fill("6")
+    page.locator("#replay input[type=number]").press("Enter")
+    page.wait_for_function(mid_decoding(1.0), timeout=30_000)
+    screenshot(page, "app-canvas.png", tmp_path)
 
 
 def test_browser_new_inputs_clear_or_dim_the_previous_answer(page, files):
