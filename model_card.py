@@ -34,16 +34,20 @@ SUMMARY = {
 }
 
 MODEL_USAGE = '''```python
-from transformers import AutoModel, AutoProcessor
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": "picture.png"}},
-                                         {{"type": "text", "text": "Describe this image."}}]}}]
+picture = Image.linear_gradient("L").rotate(90).resize((84, 84))  # or Image.open("your-picture.png")
+picture = picture.point(lambda value: 110 + value * 140 // 255).convert("RGB")  # a shaded background
+ImageDraw.Draw(picture).ellipse((32, 32, 52, 52), fill=(215, 40, 40))  # and a red circle in the middle
+messages = [{{"role": "user", "content": [{{"type": "image", "image": picture}},
+                                         {{"type": "text", "text": "Describe the image."}}]}}]
 inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                        return_tensors="pt")
-out = model.diffusion_generate(**inputs)
-print(processor.post_process_answer(out[:, inputs["input_ids"].shape[1]:]))
+out = model.generate(**inputs)  # decodes as the folder's generation_config.json says (diffusion or left to right)
+print(processor.post_process_answer(out[0, inputs["input_ids"].shape[1]:]))
 ```'''
 
 ADAPTER_USAGE = '''```python
@@ -57,6 +61,7 @@ def write_model_card(
     folder,
     *,
     kind: str,
+    repo_id: Optional[str] = None,
     base_model: Optional[str] = None,
     training: Optional[Mapping[str, object]] = None,
     evaluation: Optional[Mapping[str, object]] = None,
@@ -65,6 +70,9 @@ def write_model_card(
 
     `training` holds facts about how the weights were made (stage, data size, epochs, ...), `evaluation` the scores
     measured on them; each becomes a table. `base_model` is the Hub id (or path) the weights were trained from.
+    `repo_id` is what the usage snippet loads (the Hub id, or the path from where the snippet runs, e.g.
+    `checkpoints/dimple-shapes` for the shipped card, which runs from the repository root); default: the folder name.
+    The snippet draws its own picture, so it runs as copied wherever the model loads.
     """
     if kind not in SUMMARY:
         raise ValueError(f"kind={kind!r} is not a Dimple model-card kind; use one of {sorted(SUMMARY)}.")
@@ -76,19 +84,20 @@ def write_model_card(
         tags=TAGS,
         base_model=base_model,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(folder.name, kind, training, evaluation)}")
+    body = _body(folder.name, repo_id or folder.name, kind, training, evaluation)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(folder / "README.md")
     return card
 
 
-def _body(name, kind, training, evaluation):
+def _body(name, repo_id, kind, training, evaluation):
     usage = ADAPTER_USAGE if kind == "adapter" else MODEL_USAGE
     sections = [
         f"# {name}",
         SUMMARY[kind].format(paper=PAPER),
         "## Use",
         f"This folder holds its own code (`trust_remote_code=True` runs it; transformers 5.23 or newer).\n\n"
-        f"{usage.format(repo=name)}",
+        f"{usage.format(repo=repo_id)}",
     ]
     if training:
         sections += ["## Training", _table(training, "fact")]

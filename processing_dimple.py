@@ -19,11 +19,13 @@ from tokenizers import AddedToken
 from transformers import ProcessorMixin, Qwen2Tokenizer
 
 try:
+    from .generation_utils import DIMPLE_SETTINGS, STANDARD_SETTINGS
     from .image_processing_dimple import DimpleImageProcessor
     from .transformers_compat import cached_file, get_tokenizer_config
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
+    from generation_utils import DIMPLE_SETTINGS, STANDARD_SETTINGS
     from image_processing_dimple import DimpleImageProcessor
     from transformers_compat import cached_file, get_tokenizer_config
 
@@ -205,6 +207,7 @@ class DimpleProcessor(ProcessorMixin):
         return processed, replacements
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        self.check_no_decoding_settings(kwargs)
         if videos is not None:
             self.image_processor.check_video_frames(videos)  # before transformers batches them (IndexError)
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
@@ -218,6 +221,26 @@ class DimpleProcessor(ProcessorMixin):
                     f"`images[{index}]` holds {len(sample_images)} image(s); give each prompt one image per "
                     "placeholder."
                 )
+
+    def check_no_decoding_settings(self, kwargs: dict):
+        """Refuse decoding settings given as processor options, which the processor would ignore.
+
+        transformers' image-text-to-text pipeline hands `pipe(text=..., steps=8)` and `pipeline(..., steps=8)` to
+        the processor (only standard settings named when the pipeline is built reach `generate`), so without this
+        check the setting would be dropped with a log line and the answer decoded with the checkpoint's settings.
+        """
+        options = {name for typed in self.valid_processor_kwargs.__annotations__.values()
+                   for name in getattr(typed, "__annotations__", {})}  # fmt: skip
+        options |= set(self.image_processor.valid_kwargs.__annotations__)
+        settings = sorted(name for name in kwargs if name in DIMPLE_SETTINGS or name in STANDARD_SETTINGS)
+        settings = [name for name in settings if name not in options]
+        if settings:
+            example = ", ".join(f"{name!r}: {kwargs[name]!r}" for name in settings)
+            raise ValueError(
+                f"{settings} are decoding settings, not processor options. In a pipeline, pass them as "
+                f"`generate_kwargs={{{example}}}` (to `pipe(...)` or to `pipeline(...)`); otherwise to "
+                "`model.generate` (or `diffusion_generate`)."
+            )
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """

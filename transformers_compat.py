@@ -53,6 +53,7 @@ def next_minor(version: str) -> str:
 check_transformers_version()
 
 # Everything below imports only after the version check, so a too-old transformers fails with the message above.
+from transformers import GenerationConfig  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.image_processing_utils import BatchFeature  # noqa: E402
@@ -123,7 +124,17 @@ RELIED_ON = {
     "GenerationMixin._expand_inputs_for_generation (called through super)":
         "repeats the text inputs; test_compat.py::test_transformers_still_calls_every_hook_the_package_overrides",
     "ProcessorMixin.get_processor_dict": "reads processor_config.json and the chat template; the loading tests",
+    "GenerationConfig._get_default_generation_params":
+        "the neutral value of each standard generation setting (what `generate` fills in when nothing sets it); "
+        "test_habits.py::test_autoregressive_only_settings_raise_naming_them",
 }  # fmt: skip
+
+
+def standard_generation_defaults() -> dict:
+    """What transformers' `generate` gives each standard setting that nothing sets (`max_length=20`, `num_beams=1`,
+    `repetition_penalty=1.0`, ...): values at which a setting asks for nothing."""
+    return GenerationConfig._get_default_generation_params()
+
 
 # ------------------------------------------------------------------------------------------- the cache's name
 # <= 5.23: `past_key_values`; >= 5.24: `cache` (the old keyword still works there, with a deprecation warning).
@@ -162,4 +173,5 @@ __all__ = [
     "get_tokenizer_config",
     "make_batched_videos",
     "output_cache",
+    "standard_generation_defaults",
 ]

@@ -330,7 +330,8 @@ def test_transformers_still_calls_every_hook_the_package_overrides(monkeypatch, 
     assert out.shape[0] == 4  # each prompt twice, with its own image
     chat = [{"role": "user", "content": [{"type": "image", "image": render(examples[0].scene)},
                                          {"type": "text", "text": examples[0].question}]}]  # fmt: skip
-    pipeline("image-text-to-text", model=model, processor=processor)(text=chat, max_new_tokens=4, steps=4)
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    pipe(text=chat, max_new_tokens=4, generate_kwargs={"steps": 4})
     cached = dict(decoding_pipeline="dim", alg="maskgit_plus", alg_p_threshold=0.999, use_cache=True)
     model.diffusion_generate(**inputs, max_new_tokens=16, steps=16, **cached)  # several cached steps
     frames = np.stack([np.asarray(render(example.scene)) for example in examples])

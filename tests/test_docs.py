@@ -2,7 +2,9 @@
 
 Blocks of one page run in order in one namespace (a page reads top to bottom, so a later block may use an earlier
 block's `model`); all pages run in one subprocess (one torch import), each in its own namespace: repository root on `sys.path`, `HF_HUB_OFFLINE=1`, one thread, a
-scratch working directory holding `checkpoints/` (a link to the repository's) and `photo.jpg` (a shapes scene).
+scratch working directory that looks like the repository root (a link to each of its top-level entries, so a snippet
+copied into a fresh clone reads the same files, e.g. the sample picture `examples/shapes.png`, and what it writes stays
+in the scratch directory).
 
 A block that names the released model runs on the shipped checkpoint with these substitutions (`RELEASED_MODEL`):
 "rp-yu/Dimple-7B" and "dimple-7b" -> "checkpoints/dimple-shapes", `.cuda()` -> CPU, `torch.bfloat16` ->
@@ -16,7 +18,6 @@ Links: relative targets must exist; a `#anchor` must name a heading of the targe
 import importlib.util
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -24,8 +25,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from shapes.task import random_scene, render  # the repository root is on sys.path (conftest.py)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
@@ -93,9 +92,10 @@ def pages_script(pages: dict[Path, list[dict]], report: Path) -> str:
 
 
 def scratch_directory(tmp_path: Path) -> Path:
-    """The working directory snippets see: the shipped checkpoint at its relative path, and a photo to ask about."""
-    (tmp_path / "checkpoints").symlink_to(REPO_ROOT / "checkpoints", target_is_directory=True)
-    render(random_scene(random.Random(7))).save(tmp_path / "photo.jpg")
+    """The working directory snippets see: the repository root's entries, linked (nothing planted for the docs)."""
+    for entry in REPO_ROOT.iterdir():
+        if not entry.name.startswith("."):
+            (tmp_path / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     return tmp_path
 
 

@@ -580,13 +580,15 @@ def test_diffusion_text_streamer_shows_masks_as_placeholders(capsys):
 
 def test_config_defaults_validation_and_round_trip(tmp_path):
     config = DimpleGenerationConfig()
-    # the standard settings keep transformers' meaning (unset) for the autoregressive `generate` ...
+    # every setting starts unset, so resolution can fill it from the model's config; the standard ones keep
+    # transformers' meaning (unset) for the autoregressive `generate` ...
     assert all(getattr(config, name) is None for name in ("temperature", "use_cache", "max_length", "top_k"))
-    assert (config.steps, config.eps, config.alg, config.decoding_pipeline) == (512, 1e-3, "origin", "dim")
+    assert (config.steps, config.eps, config.alg, config.decoding_pipeline) == (None, None, None, None)
     # ... and get their diffusion values only when diffusion decoding resolves them
     config.fill_diffusion_defaults(make_tiny_model().config)
+    assert (config.steps, config.eps, config.alg, config.decoding_pipeline) == (512, 1e-3, "origin", "dim")
     assert (config.temperature, config.top_p, config.top_k, config.mask_token_id) == (0.0, None, None, MASK)
-    assert (config.use_cache, config.max_length, config.cache_refresh_interval) == (False, 20, 0)
+    assert (config.use_cache, config.max_length, config.cache_refresh_interval) == (False, None, 0)
     saved = DimpleGenerationConfig(steps=32, alg="maskgit_plus", alg_p_threshold=0.95, top_k=50, mask_token_id=9)
     saved.save_pretrained(tmp_path)
     assert DimpleGenerationConfig.from_pretrained(tmp_path) == saved

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 from huggingface_hub import ModelCard
-from PIL import Image
 
 from conftest import REPO_ROOT
 from model_card import write_model_card
@@ -48,13 +47,28 @@ def test_unknown_kind_is_refused_with_the_known_ones():
         write_model_card(".", kind="merged")
 
 
+def card_snippet(card: str) -> str:
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
+def run_snippet(snippet: str) -> list:
+    printed = []
+    exec(compile(snippet, "card snippet", "exec"), {"print": lambda *args: printed.extend(args)})
+    return printed
+
+
 def test_the_cards_usage_snippet_runs_on_the_shipped_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "dimple-shapes"
     shutil.copytree(SHIPPED, folder)
     write_model_card(folder, kind="shapes")
-    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
-    Image.new("RGB", (56, 56), "red").save(tmp_path / "picture.png")
-    monkeypatch.chdir(tmp_path)
-    printed = []
-    exec(compile(snippet, "card snippet", "exec"), {"print": lambda *args: printed.extend(args)})
-    assert len(printed) == 1 and isinstance(printed[0], list) and isinstance(printed[0][0], str)
+    monkeypatch.chdir(tmp_path)  # the snippet loads the folder by its name and draws its own picture
+    assert run_snippet(card_snippet((folder / "README.md").read_text())) == [
+        "There is one shape: a red circle in the middle."
+    ]
+
+
+def test_the_shipped_cards_snippet_runs_as_copied_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    snippet = card_snippet((SHIPPED / "README.md").read_text())
+    assert 'from_pretrained("checkpoints/dimple-shapes"' in snippet
+    assert run_snippet(snippet) == ["There is one shape: a red circle in the middle."]

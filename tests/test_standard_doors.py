@@ -82,8 +82,10 @@ def test_auto_image_text_to_text_loads_the_shipped_checkpoint():
 
 
 def test_a_model_built_from_its_config_keeps_transformers_generation_defaults():
-    settings = make_tiny_model().generation_config
-    assert type(settings).__name__ == "DimpleGenerationConfig" and settings.decoding == "autoregressive"
+    model = make_tiny_model()
+    settings = model.generation_config
+    assert type(settings).__name__ == "DimpleGenerationConfig" and settings.decoding is None  # unset:
+    assert model.selected_decoding() == "autoregressive"  # ... which `generate` reads as autoregressive
     assert all(getattr(settings, name) is None for name in ("temperature", "use_cache", "max_length", "top_k"))
 
 

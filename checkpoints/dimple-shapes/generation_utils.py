@@ -30,47 +30,57 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, TopKLogitsWarper
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, StoppingCriteriaList, TopKLogitsWarper
 
 try:
-    from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
+    from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg, standard_generation_defaults
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
-    from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
+    from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg, standard_generation_defaults
 
 PIPELINES = ("dim", "dream")
 # What `generate` runs: `diffusion` is `diffusion_generate`, `autoregressive` the standard left-to-right loop.
 DECODINGS = ("diffusion", "autoregressive")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+MODEL_INPUTS = (*VISUAL_INPUTS, "input_ids", "attention_mask", "position_ids", "inputs_embeds")
 SPECIAL_IDS = ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id")
-# The settings only `diffusion_generate` has, with their defaults: the one place a new setting is declared.
+# Every setting diffusion decoding reads, with the value it takes when neither the call, the `generation_config`
+# argument nor `model.generation_config` sets it: the one place a setting and its default are declared. The config
+# leaves all of them unset (None), so resolution can tell "unset" from "set", and the autoregressive `generate`
+# keeps transformers' own defaults for the standard ones. Special ids unset everywhere come from config.json.
 DIFFUSION_DEFAULTS = dict(
     steps=512, eps=1e-3, alg="origin", alg_temp=None, alg_p_threshold=None, use_original_confidence=True,
     decoding_pipeline="dim", cache_refresh_interval=0, compile_step=False, output_history=False, mask_token_id=None,
     decoding="autoregressive",
+    temperature=0.0, max_new_tokens=None, max_length=None, top_p=None, top_k=None, use_cache=False,
+    num_return_sequences=1, return_dict_in_generate=False, output_scores=False, output_logits=False,
+    stop_strings=None, do_sample=None, pad_token_id=None, bos_token_id=None, eos_token_id=None,
 )  # fmt: skip
-# Standard `GenerationConfig` settings that diffusion decoding reads, with the values it gives them when they are
-# unset (None). Only `diffusion_generate` applies them: the config itself leaves them unset, so the autoregressive
-# `generate` keeps transformers' own defaults. Any other standard setting (`num_beams`, `do_sample`, ...) belongs to
-# `generate` and is rejected by `diffusion_generate`.
-SHARED_DEFAULTS = dict(
-    temperature=0.0, max_length=20, use_cache=False, num_return_sequences=1, return_dict_in_generate=False,
-    max_new_tokens=None, top_p=None, top_k=None, pad_token_id=None, bos_token_id=None, eos_token_id=None,
-)  # fmt: skip
-DIFFUSION_ONLY_ARGUMENTS = (*DIFFUSION_DEFAULTS, "response_template", "generation_tokens_hook_func",
+STANDARD_SETTINGS = frozenset(
+    name for name in GenerationConfig().__dict__ if not name.startswith("_") and name != "transformers_version"
+)
+# The settings that are Dimple's own (the rest are `GenerationConfig` fields).
+DIMPLE_SETTINGS = tuple(name for name in DIFFUSION_DEFAULTS if name not in STANDARD_SETTINGS)
+DIFFUSION_ONLY_ARGUMENTS = (*DIMPLE_SETTINGS, "response_template", "generation_tokens_hook_func",
                             "generation_logits_hook_func")  # fmt: skip
-UPSTREAM_DEFAULT_MAX_LENGTH = SHARED_DEFAULTS["max_length"]
+# Answer slots when neither `max_new_tokens` nor `max_length` is set (upstream: an untouched `max_length=20` meant 20
+# new slots, not 20 in total).
+DEFAULT_ANSWER_SLOTS = 20
 MAX_STEPS = 1_000_000  # the time grid is materialised: 10^9 steps would be a 4 GB tensor and a loop that never ends
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
     max_new_tokens=64, steps=64, temperature=0.2, top_p=0.95, top_k=50, alg="origin", alg_p_threshold=0.95,
     use_original_confidence=True, decoding_pipeline="dim", use_cache=True, decoding="diffusion",
 )
-
-
-def is_diffusion_setting(name: str) -> bool:
-    return name in DIFFUSION_DEFAULTS or name in SHARED_DEFAULTS
+# Standard settings diffusion decoding has no counterpart for, and what to use instead when one is set.
+NO_DIFFUSION_COUNTERPART = {
+    "num_beams": "diffusion commits slots in parallel and has no beams; for several answers per prompt use "
+    "`num_return_sequences` with temperature > 0",
+    "cache_implementation": "diffusion decoding caches the prompt itself: `use_cache=True`",
+    "compile_config": "`compile_step=True` compiles the cached diffusion step",
+    "max_time": "a `stopping_criteria` (e.g. `MaxTimeCriteria`), which diffusion asks after every step",
+}
 
 
 class DimpleGenerationConfig(GenerationConfig):
@@ -78,12 +88,12 @@ class DimpleGenerationConfig(GenerationConfig):
     Settings of [`DimpleGenerationMixin.diffusion_generate`], saved and loaded as `generation_config.json`.
 
     The model declares it as its `generation_config_class`, so `model.generation_config` is one (built from
-    `config.json`, or loaded from the checkpoint's `generation_config.json`). `diffusion_generate` resolves its
-    settings as transformers' `generate` does: a copy of the `generation_config` argument (else of
-    `model.generation_config`), updated with the keyword arguments. Standard settings it reads that are still unset
-    get the diffusion defaults below, and special ids missing there come from the model's `config.json` (the released
-    `generation_config.json` has no `mask_token_id`; config.json has 151666). The config itself leaves the standard
-    settings unset, so the autoregressive `generate` keeps transformers' defaults.
+    `config.json`, or loaded from the checkpoint's `generation_config.json`). Every setting defaults to unset (None),
+    and [`resolve_generation_settings`] resolves them as transformers' `generate` does (`_prepare_generation_config`):
+    the call's keyword arguments, then the fields the `generation_config` argument sets, then
+    `model.generation_config`, then the diffusion defaults below (`DIFFUSION_DEFAULTS`); special ids still unset come
+    from the model's `config.json` (the released `generation_config.json` has no `mask_token_id`; config.json has
+    151666). The autoregressive `generate` keeps transformers' own defaults for the standard settings.
 
     The released code instead built its settings from the model config and, under transformers 4.46, silently
     inherited the legacy attributes `temperature=1.0` and `top_k=50` whenever a caller omitted them: every published
@@ -97,9 +107,9 @@ class DimpleGenerationConfig(GenerationConfig):
             this package writes select `"diffusion"`; `generate(..., decoding="autoregressive")` switches one call.
             `diffusion_generate` ignores it.
         max_new_tokens (`int`, *optional*): N, the number of answer slots. Without it (and without a
-            `response_template`) the answer has `max_length - prompt_length` slots, or 20 when `max_length` is left
-            at its default (the upstream rule).
-        max_length (`int`, defaults to 20): total length (prompt + answer) when `max_new_tokens` is not set.
+            `response_template`) the answer has `max_length - prompt_length` slots, or 20 when `max_length` is not
+            set either (the upstream rule).
+        max_length (`int`, *optional*): total length (prompt + answer) when `max_new_tokens` is not set.
         steps (`int`, defaults to 512): the most denoising iterations (one forward pass each). Usually steps = N.
         eps (`float`, defaults to 1e-3): end of the time grid `linspace(1, eps, steps + 1)`.
         alg (`str`, defaults to `"origin"`): slot ranking, one of `origin`, `origin-ratio` (dim only),
@@ -130,23 +140,38 @@ class DimpleGenerationConfig(GenerationConfig):
             step.
         return_dict_in_generate (`bool`, defaults to `False`): return a [`DimpleDiffusionOutput`] instead of the
             sequences tensor.
+        output_scores, output_logits (`bool`, defaults to `False`): with `return_dict_in_generate`, return for every
+            answer slot its scores (the logits after temperature, top-p and top-k: softmax gives the distribution its
+            token was drawn from) and its raw logits, each taken at the step the slot was committed.
+        stop_strings (`str` or `list[str]`, *optional*): the answer ends before the first occurrence of any of them
+            (checked after every step on each row's committed left part; the row then stops); the slots from the
+            token where the string starts are set to `pad_token_id`. Needs `tokenizer=` in the call.
+        do_sample (`bool`, *optional*): transformers' switch: `False` takes the argmax token (temperature 0, as
+            greedy decoding does); `True` needs temperature > 0.
+        num_beams (`int`, *optional*): only 1; diffusion has no beam search.
         mask_token_id, pad_token_id, bos_token_id, eos_token_id (`int`, *optional*): special ids; only the mask id
             and the pad id (filler of short templates) are used. EOS stops nothing in diffusion decoding.
     """
 
     def __init__(self, **kwargs):
-        for name, default in DIFFUSION_DEFAULTS.items():
-            setattr(self, name, kwargs.pop(name, default))
+        for name in DIMPLE_SETTINGS:
+            setattr(self, name, kwargs.pop(name, None))
         super().__init__(**kwargs)
 
     def fill_diffusion_defaults(self, model_config) -> "DimpleGenerationConfig":
-        """Give the unset standard settings their diffusion values, and the missing special ids config.json's."""
-        for name, default in SHARED_DEFAULTS.items():
-            if getattr(self, name) is None:
+        """The last step of resolution: unset settings get their diffusion defaults, unset special ids config.json's."""
+        for name, default in DIFFUSION_DEFAULTS.items():
+            if getattr(self, name, None) is None:
                 setattr(self, name, getattr(model_config, name, None) if name in SPECIAL_IDS else default)
-        if self.mask_token_id is None:
-            self.mask_token_id = getattr(model_config, "mask_token_id", None)
         return self
+
+    def with_defaults(self) -> "DimpleGenerationConfig":
+        """A copy whose unset settings hold their diffusion defaults (what they resolve to if nothing sets them)."""
+        resolved = copy.copy(self)
+        for name, default in DIFFUSION_DEFAULTS.items():
+            if getattr(resolved, name, None) is None:
+                setattr(resolved, name, default)
+        return resolved
 
     @classmethod
     def from_model_config(cls, model_config) -> "DimpleGenerationConfig":
@@ -182,8 +207,9 @@ class DimpleGenerationConfig(GenerationConfig):
         here temperature > 0 is what samples and top-p/top-k also shape confidences at temperature 0. With `strict`
         (used by `save_pretrained` on a modified config), the warnings are raised as errors.
         """
-        self._check_values()
-        for message in self._ineffective_combinations():
+        resolved = self.with_defaults()  # an unset setting is checked as the default it resolves to
+        resolved._check_values()
+        for message in resolved._ineffective_combinations():
             if strict:
                 raise ValueError(message)
             warnings.warn(message, UserWarning, stacklevel=2)
@@ -262,6 +288,80 @@ class DimpleGenerationConfig(GenerationConfig):
         return messages
 
 
+def resolve_generation_settings(
+    model, generation_config: GenerationConfig | None = None, **kwargs
+) -> tuple[DimpleGenerationConfig, dict]:
+    """The settings a diffusion call decodes with, resolved as transformers' `generate` resolves them.
+
+    The same steps as `GenerationMixin._prepare_generation_config`, with the same `GenerationConfig.update` calls: a
+    copy of `generation_config` (else of `model.generation_config`); its unset fields filled from
+    `model.generation_config` (`update(..., defaults_only=True, allow_custom_entries=True)`); the keyword arguments
+    on top (`update(**kwargs)`, which validates and hands back what is not a setting); then the diffusion defaults for
+    what is still unset (after the keyword arguments, so an explicit `None` means "the default", not a broken value).
+    So `GenerationConfig(max_new_tokens=16)` changes the length and keeps the checkpoint's algorithm, threshold and
+    cache. Standard settings are then read as diffusion reads them (`do_sample=False` takes the argmax); one that
+    asks for something diffusion cannot do raises a `ValueError` naming it.
+
+    Args:
+        model: a Dimple model (its `generation_config` and, for special ids, its `config`).
+        generation_config ([`GenerationConfig`], *optional*): a plain one or a [`DimpleGenerationConfig`].
+        kwargs: settings, and model inputs (`pixel_values`, ...), which are handed back.
+
+    Returns:
+        `(config, model_inputs)`: a validated [`DimpleGenerationConfig`] with every setting diffusion reads set, and
+        the keyword arguments that are model inputs. A name that is neither raises a `TypeError`.
+    """
+    source = generation_config if generation_config is not None else model.generation_config
+    if not isinstance(source, GenerationConfig):
+        raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
+    if isinstance(source, DimpleGenerationConfig):
+        config = copy.deepcopy(source)
+    else:  # a plain one: its fields (and any diffusion keys it carries) in Dimple's class
+        config = DimpleGenerationConfig.from_dict(source.to_dict())
+    config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    model_inputs = config.update(**kwargs)
+    config.fill_diffusion_defaults(model.config)
+    unknown = sorted(set(model_inputs) - set(MODEL_INPUTS))
+    if unknown:
+        raise TypeError(f"Unknown arguments {unknown}: neither generation settings nor model inputs.")
+    read_standard_settings(config)
+    if config.mask_token_id is None:
+        raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
+    config._check_values()  # again: `do_sample` may have changed the temperature
+    return config, model_inputs
+
+
+def read_standard_settings(config: DimpleGenerationConfig):
+    """Read transformers' standard settings as diffusion decoding does, in place.
+
+    `do_sample=False` takes the argmax (temperature 0, greedy); `do_sample=True` needs temperature > 0;
+    `num_beams` must be 1. Any other standard setting must be unset or at its neutral value (`False`, or what
+    `generate` fills in when nothing sets it): one that asks for something (a repetition penalty, a static cache,
+    attentions) would otherwise be silently ignored, so it raises naming the setting and what to use instead.
+    """
+    if config.do_sample is False:
+        config.temperature = 0.0
+    elif config.do_sample and not config.temperature > 0:
+        raise ValueError(
+            "`do_sample=True` asks for sampling but the temperature is 0: set `temperature` > 0 (diffusion samples "
+            "the tokens exactly when temperature > 0)."
+        )
+    neutral = standard_generation_defaults()
+    asked = {
+        name: value
+        for name, value in vars(config).items()
+        if name in STANDARD_SETTINGS and name not in DIFFUSION_DEFAULTS
+        if value is not None and value is not False and value != neutral.get(name)
+    }
+    if asked:
+        name, value = next(iter(asked.items()))
+        instead = NO_DIFFUSION_COUNTERPART.get(name, 'drop it, or pass `decoding="autoregressive"` to `generate`')
+        raise ValueError(
+            f"{sorted(asked)} ask for autoregressive decoding, which diffusion decoding cannot honour "
+            f"(`{name}={value!r}`: {instead})."
+        )
+
+
 @dataclass
 class DimpleDiffusionOutput(ModelOutput):
     """
@@ -274,12 +374,21 @@ class DimpleDiffusionOutput(ModelOutput):
             started while it still had a mask.
         tokens_per_step (`torch.LongTensor` of shape `[B, steps run]`): slots each row committed at each step (0 after
             the row finished).
+        scores (`tuple[torch.FloatTensor]`, *optional*): with `output_scores`, one `[B, V]` tensor per answer slot
+            (as `generate` gives one per new token): the slot's logits after temperature, top-p and top-k at the step
+            it was committed, so `softmax` is the distribution its token was drawn from (and
+            `model.compute_transition_scores(sequences, scores, normalize_logits=True)` its log-probability). A slot
+            never decoded (a fixed template token, a filler, a mask left by a stop) holds 0 at its token and -inf
+            elsewhere.
+        logits (`tuple[torch.FloatTensor]`, *optional*): with `output_logits`, the same for the raw logits.
     """
 
     sequences: torch.LongTensor | None = None
     history: tuple[torch.LongTensor, ...] | None = None
     num_forward_passes: torch.LongTensor | None = None
     tokens_per_step: torch.LongTensor | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class DiffusionTextStreamer(BaseStreamer):
@@ -374,6 +483,20 @@ def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
 
 
+def sampling_logits(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None
+) -> torch.Tensor:
+    """The logits tokens are drawn from: divided by the temperature (when > 0), then top-p and top-k filtered."""
+    if temperature and temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits(logits, top_p)
+    if top_k:
+        # transformers' filter, bit-identical here: -inf and the dtype's minimum both get probability 0.
+        logits = TopKLogitsWarper(top_k)(None, logits)
+    return logits
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -392,14 +515,7 @@ def sample_tokens(
     "entropy" (sum p log p, i.e. minus the entropy). All in the logits' dtype, like the released code.
     """
     raw_probs = F.softmax(logits, dim=-1) if use_original_confidence else None
-    if temperature and temperature > 0:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1:
-        logits = top_p_logits(logits, top_p)
-    if top_k:
-        # transformers' filter, bit-identical here: -inf and the dtype's minimum both get probability 0.
-        logits = TopKLogitsWarper(top_k)(None, logits)
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(sampling_logits(logits, temperature, top_p, top_k), dim=-1)
     if temperature and temperature > 0:
         noise = torch.empty_like(probs).exponential_() if noise is None else noise
         tokens = (probs / noise).argmax(dim=-1)
@@ -722,14 +838,15 @@ def answer_canvas(response_template, batch_size, answer_length, config, device):
     return canvas, attention
 
 
-def answer_length_without_template(config, prompt_length: int, max_length_passed: bool, max_positions) -> int:
-    """`max_new_tokens`, else `max_length - P`; an untouched default `max_length` (20) means 20 new slots."""
+def answer_length_without_template(config, prompt_length: int, max_positions) -> int:
+    """`max_new_tokens`, else `max_length - P`, else `DEFAULT_ANSWER_SLOTS` new slots (within the positions)."""
     if config.max_new_tokens is not None:
         return config.max_new_tokens
-    total = config.max_length
-    if not max_length_passed and config.max_length == UPSTREAM_DEFAULT_MAX_LENGTH:
-        total = prompt_length + UPSTREAM_DEFAULT_MAX_LENGTH
+    if config.max_length is None:
+        total = prompt_length + DEFAULT_ANSWER_SLOTS
         total = min(total, max_positions) if max_positions else total
+    else:
+        total = config.max_length
     if total <= prompt_length:
         raise ValueError(
             f"The prompt has {prompt_length} tokens but the total length is {total}; set `max_new_tokens`."
@@ -805,6 +922,98 @@ def step_randomness(answer: torch.LongTensor, rules: StepRules, vocab_size: int)
     return draws, torch.empty(*answer.shape, vocab_size, device=answer.device).exponential_() if sampling else None
 
 
+class CommitScores:
+    """Per answer slot, the scores and raw logits of the step that committed it (`output_scores`/`output_logits`).
+
+    Slots never decoded keep a one-hot at their token (0 there, -inf elsewhere): the prior fixed them.
+    """
+
+    def __init__(self, answer: torch.LongTensor, rules: StepRules):
+        self.rules = rules
+        self.answer = answer.clone()
+        self.sampled = self.raw = None  # [B, N, V], allocated with the first logits (their dtype and vocabulary)
+
+    def record(self, before: torch.LongTensor, after: torch.LongTensor, logits: torch.Tensor):
+        if self.sampled is None:
+            one_hot = torch.full(logits.shape, -float("inf"), dtype=logits.dtype, device=logits.device)
+            self.sampled = one_hot.scatter_(-1, self.answer[..., None], 0.0)
+            self.raw = self.sampled.clone()
+        mask_id = self.rules.mask_token_id
+        committed = ((before == mask_id) & (after != mask_id))[..., None]
+        rules = self.rules
+        scores = sampling_logits(logits, rules.temperature, rules.top_p, rules.top_k)
+        self.sampled = torch.where(committed, scores, self.sampled)
+        self.raw = torch.where(committed, logits, self.raw)
+
+    def scores(self) -> tuple[torch.Tensor, ...] | None:
+        return None if self.sampled is None else tuple(self.sampled.unbind(1))
+
+    def logits(self) -> tuple[torch.Tensor, ...] | None:
+        return None if self.raw is None else tuple(self.raw.unbind(1))
+
+
+@dataclass
+class AnswerStops:
+    """What ends a row before its last mask: `stop_strings` (decoded with the call's tokenizer) and the caller's
+    `stopping_criteria`, both asked after every step."""
+
+    stop_strings: tuple[str, ...] = ()
+    tokenizer: object = None
+    criteria: StoppingCriteriaList | None = None
+    fill_id: int | None = None  # what the slots after a stop string become
+    mask_id: int | None = None
+
+    @classmethod
+    def from_arguments(cls, config: DimpleGenerationConfig, tokenizer, stopping_criteria) -> "AnswerStops":
+        strings = config.stop_strings
+        strings = (strings,) if isinstance(strings, str) else tuple(strings or ())
+        if not all(isinstance(string, str) and string for string in strings):
+            raise TypeError(f"`stop_strings` must be a non-empty string or a list of them, got {strings!r}.")
+        if strings and tokenizer is None:
+            raise ValueError("`stop_strings` needs the tokenizer to read the answer: pass `tokenizer=` as well.")
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        fill_id = config.pad_token_id if config.pad_token_id is not None else eos
+        if strings and fill_id is None:
+            raise ValueError("`stop_strings` fill the answer after the stop with `pad_token_id`: set it.")
+        if stopping_criteria is not None and not isinstance(stopping_criteria, StoppingCriteriaList):
+            if not isinstance(stopping_criteria, (list, tuple)) or not all(map(callable, stopping_criteria)):
+                raise TypeError(
+                    "`stopping_criteria` must be a StoppingCriteriaList or a list of StoppingCriteria, got "
+                    f"{type(stopping_criteria).__name__}."
+                )
+            stopping_criteria = StoppingCriteriaList(stopping_criteria)
+        return cls(strings, tokenizer, stopping_criteria or None, fill_id, config.mask_token_id)
+
+    def ask(self, batch: "DiffusionBatch", finished: torch.Tensor) -> torch.Tensor:
+        """Rows finished after this step; a stop string's row is cut in place."""
+        if self.stop_strings:
+            finished = finished | self._cut_at_stop_strings(batch, finished)
+        if self.criteria is not None:
+            done = self.criteria(batch.sequences(), None)
+            finished = finished | torch.as_tensor(done, device=finished.device).bool().expand_as(finished)
+        return finished
+
+    def _cut_at_stop_strings(self, batch: "DiffusionBatch", finished: torch.Tensor) -> torch.Tensor:
+        mask_id = self.mask_id
+        cut_rows = torch.zeros_like(finished)
+        for row, (tokens, done) in enumerate(zip(batch.answer.tolist(), finished.tolist())):
+            committed = tokens[: tokens.index(mask_id)] if mask_id in tokens else tokens
+            cut = None if done else self._first_stop(committed)
+            if cut is not None:
+                batch.answer[row, cut:] = self.fill_id
+                cut_rows[row] = True
+        return cut_rows
+
+    def _first_stop(self, tokens: list[int]) -> int | None:
+        """Index of the first token that reaches into the first stop string of `tokens`' text, or None."""
+        text = self.tokenizer.decode(tokens)
+        starts = [text.find(string) for string in self.stop_strings if string in text]
+        if not starts:
+            return None
+        start = min(starts)
+        return next(cut for cut in range(len(tokens)) if len(self.tokenizer.decode(tokens[: cut + 1])) > start)
+
+
 # ------------------------------------------------------------------------------------------------------- mixin
 
 
@@ -820,6 +1029,8 @@ class DimpleGenerationMixin(GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         response_template=None,
         streamer: BaseStreamer | None = None,
+        tokenizer=None,
+        stopping_criteria=None,
         generation_tokens_hook_func=None,
         generation_logits_hook_func=None,
         **kwargs,
@@ -844,6 +1055,10 @@ class DimpleGenerationMixin(GenerationMixin):
                 answer canvas, masked slots holding the mask id), `put(answer)` once with the final `[B, N]` answer,
                 and `end()`. `TextStreamer`, `TextIteratorStreamer` and `TextDiffusionStreamer` work as they are (batch
                 size 1); [`DiffusionTextStreamer`] shows whole-batch canvases.
+            tokenizer (*optional*): decodes the committed answer for `stop_strings` (transformers' argument).
+            stopping_criteria (`StoppingCriteriaList` or a list of `StoppingCriteria`, *optional*): asked after every
+                step with the current `[B, P + N]` sequences (undecided slots hold the mask id) and `scores=None`; a
+                row they answer `True` for stops there (its undecided slots keep the mask id), so a server can cancel.
             generation_tokens_hook_func (`callable`, *optional*): `(step, x, logits) -> x`, called once before the
                 loop as `(None, x, None)` and after every step. `x` is always the full `[B, P + N]` sequence (with or
                 without the cache, prompts left-aligned) and the hook must return a LongTensor of that shape with the
@@ -856,8 +1071,9 @@ class DimpleGenerationMixin(GenerationMixin):
 
         Returns:
             `torch.LongTensor` `[B * num_return_sequences, P + N]` (the prompt as given, then the answer), or a
-            [`DimpleDiffusionOutput`] with `return_dict_in_generate=True`. Nothing is cut at EOS: strip trailing
-            `<|endoftext|>`, `<|im_end|>` and leftover masks when decoding.
+            [`DimpleDiffusionOutput`] with `return_dict_in_generate=True` (with `output_scores` / `output_logits`,
+            the scores and logits of each answer slot at the step it was committed). Nothing is cut at EOS: strip
+            trailing `<|endoftext|>`, `<|im_end|>` and leftover masks when decoding.
 
         Intended deviations from the released implementation (identical results at batch size 1 otherwise):
             - batching is per sample: each row has its own mask count, schedule, threshold decision, slot choice and
@@ -874,32 +1090,42 @@ class DimpleGenerationMixin(GenerationMixin):
             - `attention_mask` defaults to all ones, `num_return_sequences` works with images, right padding works,
               masks in the prompt are an error, and `streamer` is supported.
         """
+        # 1. Validate at the door: settings, stops, inputs; the canvas (prompt + N masks) and the prompt embeddings.
         if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
             raise TypeError(f"`streamer` needs `put(tokens)` and `end()` methods (a BaseStreamer), got {streamer!r}.")
         draft = getattr(streamer, "put_draft", None) if streamer is not None else None
-        max_length_passed = "max_length" in kwargs
         if inputs is not None and kwargs.get("input_ids") is not None:
             raise ValueError("Pass the prompt once, as `inputs` or as `input_ids`, not both.")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        config, visual = self._diffusion_settings(generation_config, kwargs)
+        config, model_inputs = resolve_generation_settings(self, generation_config, **kwargs)
+        visual = self._visual_inputs(model_inputs)
+        stops = AnswerStops.from_arguments(config, tokenizer, stopping_criteria)
         self.check_prompt_inputs(input_ids, attention_mask, visual)
-        batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual, max_length_passed)
+        batch = self._diffusion_batch(input_ids, attention_mask, response_template, config, visual)
         if generation_tokens_hook_func is not None:
             batch.x = self._checked_tokens(generation_tokens_hook_func(None, batch.x, None), batch)
         if streamer is not None:
             streamer.put(batch.prompt.cpu())  # transformers' protocol: the prompt first, as `generate` does
 
+        # 2. What every step reads.
         rules = StepRules.from_config(config)
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
         cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
         hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
+        returns_dict = config.return_dict_in_generate
+        commit_scores = CommitScores(batch.answer, rules) if returns_dict else None
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
+        finished = torch.zeros_like(total_masks, dtype=torch.bool)  # stopped early by a stop string or criterion
         prefix = None
+
+        # 3. The loop: each step, (a) stop when no row has a mask left, (b) draw the step's randomness, (c) run the
+        #    forward pass and the denoising step (unless the schedule commits nothing anywhere), (d) keep what the
+        #    outputs need, (e) call the hooks and the streamer, (f) ask the stops.
         for step in range(config.steps):
-            active = (batch.answer == config.mask_token_id).any(1)
+            active = (batch.answer == config.mask_token_id).any(1) & ~finished
             if not active.any():
                 break
             draws, noise = step_randomness(batch.answer, rules, self.get_output_embeddings().out_features)
@@ -908,6 +1134,10 @@ class DimpleGenerationMixin(GenerationMixin):
                 answer, committed, logits, prefix = self._denoising_pass(
                     batch, prefix, step, inputs, config, cached_pass, generation_logits_hook_func
                 )
+                answer = torch.where(finished[:, None], batch.answer, answer)  # a stopped row stays as it stopped
+                committed = torch.where(finished, 0, committed)
+                if commit_scores is not None:
+                    commit_scores.record(batch.answer, answer, logits)
                 batch.answer.copy_(answer)
                 forward_passes += active.long()
             else:  # no forward pass without effect
@@ -915,22 +1145,26 @@ class DimpleGenerationMixin(GenerationMixin):
             committed_per_step.append(committed.clone())
             if generation_tokens_hook_func is not None:
                 batch.x = self._checked_tokens(generation_tokens_hook_func(step, batch.x, logits), batch)
-            if config.output_history and config.return_dict_in_generate:
+            if config.output_history and returns_dict:
                 history.append(batch.sequences())
             if callable(draft):
                 draft(batch.answer.cpu())
-        if streamer is not None:
-            streamer.put(batch.answer.cpu())  # the final answer, once
-            streamer.end()
+            finished = stops.ask(batch, finished)
 
+        # 4. The answer: to the streamer once, then returned.
+        if streamer is not None:
+            streamer.put(batch.answer.cpu())
+            streamer.end()
         sequences = batch.sequences()
-        if not config.return_dict_in_generate:
+        if not returns_dict:
             return sequences
         return DimpleDiffusionOutput(
             sequences=sequences,
             history=tuple(history) if config.output_history else None,
             num_forward_passes=forward_passes,
             tokens_per_step=torch.stack(committed_per_step, dim=1) if committed_per_step else None,
+            scores=commit_scores.scores() if config.output_scores else None,
+            logits=commit_scores.logits() if config.output_logits else None,
         )
 
     def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, cached_pass, logits_hook):
@@ -946,40 +1180,16 @@ class DimpleGenerationMixin(GenerationMixin):
             logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
         return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
 
-    def _diffusion_settings(self, generation_config, kwargs) -> tuple[DimpleGenerationConfig, dict]:
-        """A copy of `generation_config` (else `model.generation_config`) updated with `kwargs`, as `generate` does;
-        unset settings get the diffusion defaults and config.json's ids.
-
-        `GenerationConfig.update` validates and hands back the keyword arguments that are not settings, which must be
-        vision inputs.
-        """
-        source = generation_config if generation_config is not None else self.generation_config
-        if not isinstance(source, GenerationConfig):
-            raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(source).__name__}.")
-        config = (
-            copy.deepcopy(source)
-            if isinstance(source, DimpleGenerationConfig)
-            else DimpleGenerationConfig.from_dict(source.to_dict())  # a plain one: its diffusion keys carried over
-        )
-        unused = config.update(**kwargs)
-        ignored = sorted(k for k in kwargs if k not in unused and not is_diffusion_setting(k))
-        if ignored:
-            raise TypeError(f"{ignored} are settings of `generate`; diffusion_generate does not use them.")
-        config.fill_diffusion_defaults(self.config)  # no new check: `update` validated unset values as these defaults
-        if config.mask_token_id is None:
-            raise ValueError("No `mask_token_id` in the generation settings or in the model config.")
-
+    def _visual_inputs(self, model_inputs: dict) -> dict:
+        """The vision inputs among the model inputs, on the model's device; the others are not diffusion's."""
         for name in ("position_ids", "inputs_embeds"):
-            if unused.get(name) is not None:
+            if model_inputs.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported by diffusion_generate: pass `input_ids` (and images).")
-        unknown = sorted(set(unused) - set(VISUAL_INPUTS) - {"position_ids", "inputs_embeds"})
-        if unknown:
-            raise TypeError(f"diffusion_generate got unknown arguments {unknown} (neither settings nor model inputs).")
-        visual = {k: v for k, v in unused.items() if k in VISUAL_INPUTS and v is not None}
-        return config, {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in visual.items()}
+        visual = {k: v for k, v in model_inputs.items() if k in VISUAL_INPUTS and v is not None}
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in visual.items()}
 
     def _diffusion_batch(
-        self, input_ids, attention_mask, response_template, config, visual, max_length_passed
+        self, input_ids, attention_mask, response_template, config, visual
     ) -> DiffusionBatch:
         if input_ids is None:
             raise ValueError("Pass the prompt ids as `inputs` (or `input_ids=`).")
@@ -1020,7 +1230,7 @@ class DimpleGenerationMixin(GenerationMixin):
         batch_size, prompt_length = prompt.shape
         length, max_positions = None, getattr(self.config, "max_position_embeddings", None)
         if response_template is None:
-            length = answer_length_without_template(config, prompt_length, max_length_passed, max_positions)
+            length = answer_length_without_template(config, prompt_length, max_positions)
             check_fits(prompt_length, length, max_positions)  # before the canvas is allocated
         canvas, canvas_mask = answer_canvas(response_template, batch_size, length, config, device)
         check_fits(prompt_length, canvas.shape[1], max_positions)
