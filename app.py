@@ -41,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 REPO_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from generation_utils import ALGORITHMS, PIPELINES, RELEASED_CHAT_SETTINGS, resolve_generation_settings  # noqa: E402
 from image_processing_dimple import read_image  # noqa: E402
-from generation_utils import ALGORITHMS, PIPELINES, RELEASED_CHAT_SETTINGS  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
 from processing_dimple import DimpleProcessor  # noqa: E402
 from shapes.task import ATTRIBUTES_TEMPLATE, random_scene, render  # noqa: E402
@@ -115,10 +115,10 @@ UNDIM_OUTPUTS = "() => document.getElementById('outputs')?.classList.remove('sta
 
 
 def resolve_settings(model, settings: dict):
-    """The `DimpleGenerationConfig` a decoding with these keyword arguments runs with: `diffusion_generate`'s own
-    resolver (the call's settings over the checkpoint's generation config, then the diffusion defaults). The one place
-    the page resolves settings; raises the package's `ValueError` / `TypeError` for a bad one."""
-    config, _ = model._diffusion_settings(None, dict(settings))
+    """The `DimpleGenerationConfig` a decoding with these keyword arguments runs with, by the package's resolver (the
+    one `generate` and `diffusion_generate` use: the call's settings over the checkpoint's generation config, then the
+    diffusion defaults). Raises the package's `ValueError` / `TypeError` for a bad setting."""
+    config, _ = resolve_generation_settings(model, **settings)
     return config
 
 
