@@ -188,16 +188,21 @@ def test_template_tokens_stand_fixed_from_the_first_canvas(dimple, scene):
 
 def test_page_defaults_are_the_checkpoints_settings_through_the_models_resolver(dimple):
     model, _ = dimple
-    resolved = app.resolve_settings(model, app.checkpoint_base(model))
     config = model.generation_config
-    assert (resolved.alg_p_threshold, resolved.steps, resolved.max_new_tokens) == (
-        config.alg_p_threshold,
-        config.steps,
-        config.max_new_tokens,
-    )
-    assert app.field_values(resolved)["decoding_pipeline"] == resolved.decoding_pipeline == "dim"
-    # A checkpoint that does not select diffusion gets the released chat settings, by the config's own names.
-    assert set(app.checkpoint_base(model)) == set() and model.generation_config.decoding == "diffusion"
+    defaults = app.field_values(app.resolve_settings(model, app.checkpoint_base(model)))
+    assert (defaults["alg_p_threshold"], defaults["steps"], defaults["max_new_tokens"], defaults["alg"]) == (
+        config.alg_p_threshold, config.steps, config.max_new_tokens, config.alg
+    )  # fmt: skip
+    # A checkpoint whose generation config does not select diffusion (the released 7B) starts from the released
+    # chat settings, by the generation config's own names.
+    config.decoding = "autoregressive"
+    try:
+        base = app.checkpoint_base(model)
+        resolved = app.resolve_settings(model, base)
+    finally:
+        config.decoding = "diffusion"
+    assert base == app.RELEASED_CHAT_SETTINGS
+    assert (resolved.steps, resolved.top_k, resolved.alg, resolved.alg_p_threshold) == (64, 50, "origin", 0.95)
 
 
 def test_stopped_decodings_say_why_the_answer_is_empty():
