@@ -546,12 +546,13 @@ def ask_in_page(page, image, question, template="", submit="click"):
         page.locator("#question textarea").press("Enter")
 
 
-def screenshot(page, name: str, tmp_path):
-    """Save a screenshot: into APP_SCREENSHOTS (docs/) when set, else a scratch folder."""
+def screenshot(page, name: str, tmp_path, full_page=False):
+    """Save a screenshot of the first view (or the whole page): into APP_SCREENSHOTS (docs/) when set, else a
+    scratch folder."""
     folder = Path(os.environ.get("APP_SCREENSHOTS", tmp_path))
-    page.evaluate("window.scrollTo(0, 0)")  # the first view
+    page.evaluate("window.scrollTo(0, 0)")
     page.wait_for_timeout(400)  # let the chips' colour transitions finish
-    page.screenshot(path=folder / name)
+    page.screenshot(path=folder / name, full_page=full_page)
 
 
 def field_message(page, field: str) -> str:
@@ -695,4 +696,4 @@ def test_browser_phone_shows_the_canvas_beside_image_and_question(phone, dimple,
     assert phone.locator("#canvas .token").first.is_visible()
     screenshot(phone, "app-phone-decoding.png", tmp_path)
     phone.wait_for_function(ANSWERED, timeout=120_000)
-    screenshot(phone, "app-phone-finished.png", tmp_path)
+    screenshot(phone, "app-phone-finished.png", tmp_path, full_page=True)  # the answer, GIF, examples, settings
