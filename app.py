@@ -71,8 +71,9 @@ EXAMPLES = (
     (3, "How many shapes are there?", ""),
     (5, "What are the color and shape of the object on the left?", ATTRIBUTES_TEMPLATE),
 )
-# The page's decoding fields, by the generation config's own names, in the order of the `/answer` inputs.
-PAGE_SETTINGS = ("alg_p_threshold", "steps", "max_new_tokens", "decoding_pipeline", "alg", "use_cache")
+# The page's decoding fields, by the generation config's own names, in the order of the `/answer` inputs (the
+# temperature follows the template there).
+PAGE_SETTINGS = ("alg_p_threshold", "steps", "max_new_tokens", "decoding_pipeline", "alg", "use_cache", "temperature")
 # The `/answer` inputs, in order (the names of `answer`'s parameters), and the label each has on the page.
 LABELS = {
     "image": "Image",
@@ -128,17 +129,9 @@ def checkpoint_base(model) -> dict:
     return {} if model.generation_config.decoding == "diffusion" else dict(RELEASED_CHAT_SETTINGS)
 
 
-def page_settings(alg_p_threshold, steps, max_new_tokens, decoding_pipeline, alg, use_cache, temperature) -> dict:
-    """The page's fields as `diffusion_generate` keywords: the threshold slider's 0 is "off" (no threshold)."""
-    return dict(
-        alg_p_threshold=alg_p_threshold or None,
-        steps=steps,
-        max_new_tokens=max_new_tokens,
-        decoding_pipeline=decoding_pipeline,
-        alg=alg,
-        use_cache=use_cache,
-        temperature=temperature,
-    )
+def page_settings(**fields) -> dict:
+    """The page's decoding fields as `diffusion_generate` keywords: the threshold slider's 0 is "off" (None)."""
+    return dict(fields, alg_p_threshold=fields["alg_p_threshold"] or None)
 
 
 def field_values(config) -> dict:
@@ -497,18 +490,25 @@ def gif_name(question: str, steps: int) -> str:
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def number_value(value):
+    """A number field's value as a number (API clients may send "8"), None when empty; other values unchanged."""
+    value = value.payload if isinstance(value, Unread) else value
+    if value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def number_problem(label: str, value, low, high, whole: bool, empty: str | None = None) -> str | None:
     """What is wrong with a number field's value (None when nothing), naming the field and the accepted range."""
     kind = "a whole number" if whole else "a number"
-    if value is None or isinstance(value, Unread) and value.payload in (None, ""):
+    value = number_value(value)
+    if value is None:
         return empty
-    if isinstance(value, Unread):
-        value = value.payload
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return f"{label} must be {kind} from {low} to {high}; got {value!r}."
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{label} must be {kind} from {low} to {high}; got {value!r}."
     if whole and value != int(value):
@@ -555,9 +555,11 @@ class Checks:
 
     def settings(self, values: dict) -> dict:
         """The request's `diffusion_generate` keywords: the page's fields over the checkpoint's base settings."""
-        fields = {name: values[name] for name in (*PAGE_SETTINGS, "temperature")}
+        fields = {name: values[name] for name in PAGE_SETTINGS}
+        for name in ("alg_p_threshold", "temperature"):
+            fields[name] = number_value(fields[name])
         for name in ("steps", "max_new_tokens"):
-            fields[name] = None if fields[name] is None else int(fields[name])
+            fields[name] = None if number_value(fields[name]) is None else int(number_value(fields[name]))
         return dict(self.base, **page_settings(**fields))
 
     def _image(self, value, problems: dict) -> Upload | None:
@@ -738,6 +740,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
             if problems:
                 raise ValueError(" ".join(problems.values()))
             upload = read_upload(image)
+            seed = number_value(seed)
             seed = random.randrange(SEED_RANGE) if seed is None else int(seed)
             settings = checks.settings(values)
             template = response_template or ""
@@ -773,7 +776,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
         return watch_settings(max_new_tokens, defaults)
 
     def checkpoint_settings():
-        return (*(defaults[name] for name in PAGE_SETTINGS), defaults["temperature"])
+        return tuple(defaults[name] for name in PAGE_SETTINGS)
 
     def clear_outputs():
         return None, "", "", [], gr.Slider(0, 1, 0, interactive=False), None, gr.Column(visible=False)

@@ -342,13 +342,16 @@ def test_bad_input_is_refused_on_its_field_before_it_joins_the_queue(
     assert "answer slots" not in line or "at most -" not in line  # never a negative count
 
 
-def test_the_app_keeps_serving_after_refusals(server, scene):
+def test_the_app_keeps_serving_after_refusals_and_reads_numbers_sent_as_text(server, scene):
     client = gradio_client.Client(server, verbose=False)
     for steps in (0, "eight", None):
         with pytest.raises(ValidationError):
             client.predict(*api_args(scene, "How many shapes are there?", steps=steps), api_name="/answer")
-    _, answer, summary, _, _ = client.predict(*api_args(scene, "How many shapes are there?"), api_name="/answer")
-    assert answer and summary.startswith("forward passes: 8 ")
+    expected = client.predict(*api_args(scene, "How many shapes are there?"), api_name="/answer")[1]
+    as_text = dict(steps="8.0", max_new_tokens="32", alg_p_threshold="0", temperature="0", seed="0")
+    _, answer, summary, _, _ = client.predict(*api_args(scene, "How many shapes are there?", **as_text),
+                                              api_name="/answer")  # fmt: skip
+    assert answer == expected and summary.startswith("forward passes: 8 ")
 
 
 def test_a_16_bit_greyscale_upload_answers_as_its_8_bit_version(server, dimple, files):
