@@ -64,12 +64,12 @@ SEED_RANGE = 2**31  # an empty seed field draws one from [0, SEED_RANGE)
 SMALLEST_IMAGE = 28  # pixels: the smallest side the Qwen2-VL image processor accepts (patch 14 x merge 2)
 TEMPERATURE_RANGE = (0.0, 2.0)
 GIF_WIDTH, GIF_FONT_SIZE, GIF_FRAME_MS, GIF_LAST_FRAME_MS = 640, 16, 500, 2500
-# (shapes scene seed, question, response template) per example.
+# (shapes scene seed, question, response template, button label) per example.
 EXAMPLES = (
-    (7, "Describe the image.", ""),
-    (11, "What color is the shape on the left?", ""),
-    (3, "How many shapes are there?", ""),
-    (5, "What are the color and shape of the object on the left?", ATTRIBUTES_TEMPLATE),
+    (7, "Describe the image.", "", "Describe the image."),
+    (11, "What color is the shape on the left?", "", "What color is the shape on the left?"),
+    (3, "How many shapes are there?", "", "How many shapes are there?"),
+    (5, "What are the color and shape of the object on the left?", ATTRIBUTES_TEMPLATE, "Color and shape (template)"),
 )
 # The page's decoding fields, by the generation config's own names, in the order of the `/answer` inputs (the
 # temperature follows the template there).
@@ -90,8 +90,9 @@ LABELS = {
 }
 CSS = """
 #outputs.stale { opacity: 0.45; transition: opacity 0.2s; }
-#image-note p { margin: 0; color: var(--body-text-color-subdued); }
-/* Gradio paints a refused field red; these messages are guidance (what to do), so they look like a hint. */
+#image-note p { margin: 0; padding: 4px 8px; border-radius: 4px; color: #1e40af; background: #eff6ff; }
+/* Gradio paints a refused field red; these messages are guidance (what to do), so they look like a hint, as does
+   the note under the image. */
 div.validation-error { color: #1e40af !important; background: #eff6ff !important; border-color: #93c5fd !important; }
 input.validation-error, textarea.validation-error { border-color: #60a5fa !important; }
 /* The image's message covers its toolbar: clicks pass through it (Remove, Upload), except on its own close button. */
@@ -181,7 +182,7 @@ class Upload:
     def note(self) -> str:
         if self.frames == 1:
             return ""
-        return f"An animated image ({self.frames} frames): Dimple sees one picture, so it answers about the first frame."
+        return f"An animated image ({self.frames} frames): Dimple sees one picture; it answers about the first frame."
 
 
 def upload_name(value) -> str:
@@ -534,8 +535,8 @@ class Checks:
         if not isinstance(question, str) or not question.strip():
             problems["question"] = "Type a question: the question box is empty."
         self._numbers(values, problems)
-        if problems:
-            return problems
+        if set(problems) - {"image", "question"}:
+            return problems  # the settings below need every field readable
         template = values["response_template"] or ""
         settings = self.settings(values)
         try:
@@ -544,7 +545,7 @@ class Checks:
         except (ValueError, TypeError) as error:
             problems[self._field_of(str(error), template)] = str(error)
             return problems
-        if upload is not None:
+        if not problems:
             prompt = prompt_inputs(self.processor, upload.image, question)["input_ids"].shape[1]
             try:
                 check_answer_fits(self.model, self.processor, prompt, question, options, template)
@@ -656,7 +657,7 @@ class Sessions:
 def watch_settings(answer_length, defaults: dict) -> tuple[float, int, int]:
     """The "Watch it think" preset, (γ, steps, length): γ off, a schedule of WATCH_SLOTS_PER_STEP slots per step."""
     valid = number_problem("", answer_length, 1, MAX_SLOTS, True, "empty") is None
-    length = int(answer_length) if valid else defaults["max_new_tokens"]
+    length = int(number_value(answer_length)) if valid else defaults["max_new_tokens"]
     return 0.0, max(1, math.ceil(length / WATCH_SLOTS_PER_STEP)), length
 
 
@@ -667,15 +668,11 @@ def draw_scene():
 def example_rows(folder: Path) -> list[list]:
     """[image file, question, template] per example: shapes scenes drawn from their seeds."""
     rows = []
-    for seed, question, template in EXAMPLES:
+    for seed, question, template, _ in EXAMPLES:
         path = folder / f"scene-{seed}.png"
         render(random_scene(random.Random(seed))).save(path)
         rows.append([str(path), question, template])
     return rows
-
-
-def example_label(question: str, template: str) -> str:
-    return f"{question} (template {template})" if template else question
 
 
 def load(model_id):
@@ -778,14 +775,15 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
     def checkpoint_settings():
         return tuple(defaults[name] for name in PAGE_SETTINGS)
 
-    def clear_outputs():
-        return None, "", "", [], gr.Slider(0, 1, 0, interactive=False), None, gr.Column(visible=False)
-
-    def describe_upload(image):
+    def new_image(image):
+        """Another image (upload, example, scene, removal): clear the outputs about the previous one, and say under
+        the image what the model will see of this one, or what to upload instead."""
+        cleared = (None, "", "", [], gr.Slider(0, 1, 0, interactive=False), None, gr.Column(visible=False))
         try:
-            return read_upload(image).note() if image is not None else ""
-        except ValueError:
-            return ""  # the validator shows it on the image
+            note = read_upload(image).note() if image is not None else ""
+        except ValueError as error:
+            note = str(error)
+        return *cleared, note
 
     with gr.Blocks(title="Dimple: watch it think", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -801,7 +799,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                     gr.Image(type="filepath", image_mode=None, label="Image", elem_id="image", height=210)
                 )
                 image_note = gr.Markdown("", elem_id="image-note")
-                question = gr.Textbox(DEFAULT_QUESTION, label="Question (Enter answers)", elem_id="question", max_lines=4)
+                question = gr.Textbox(DEFAULT_QUESTION, label="Question (Enter answers)", elem_id="question")
                 template = gr.Textbox(
                     "",
                     label="Response template (optional)",
@@ -833,7 +831,7 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                 gr.Examples(
                     rows,
                     [image, question, template],
-                    example_labels=[example_label(question, template) for _, question, template in rows],
+                    example_labels=[label for *_, label in EXAMPLES],
                     cache_examples=False,
                     label="Examples (shapes scenes)",
                     elem_id="examples",
@@ -873,21 +871,14 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
                 use_cache = gr.Checkbox(defaults["use_cache"], label="Prefill cache", elem_id="use_cache")
         frames = gr.State([])
 
-        inputs = [image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template, temperature, seed]
+        inputs = [
+            image, question, threshold, steps, answer_length, pipeline, alg, use_cache, template, temperature, seed,
+        ]  # fmt: skip
         outputs = [canvas, answer_box, stats, frames, step, gif, gif_box]
         # Events that read no model bypass the queue: they never wait behind decodings, nor meet a full queue (Stop).
         scene.click(draw_scene, None, image, api_name="scene", queue=False)
-        # Reading the upload at once: a file that is no image gets its message now, on the image, not at "Answer".
-        image.upload(
-            describe_upload,
-            image,
-            image_note,
-            validator=lambda value: gr.validate(*checked_image(value)),
-            api_visibility="private",
-            concurrency_limit=None,
-        )
-        image.change(clear_outputs, None, outputs, api_visibility="private", queue=False)
-        image.clear(lambda: "", None, image_note, api_visibility="private", queue=False)
+        # Reading the image at once: a file that is no image gets its message now, not at "Answer".
+        image.change(new_image, image, [*outputs, image_note], api_visibility="private", queue=False)
         for field in (question, template):
             field.input(None, js=DIM_OUTPUTS)
         gr.on([run.click, question.submit, image.change], None, js=UNDIM_OUTPUTS)
@@ -912,17 +903,6 @@ def build_demo(model, processor, frame_seconds: float = 0.1, queue_size: int = Q
         step.input(replay, [step, frames], canvas, api_name="replay", queue=False)
     # One model instance: decode one request at a time, in arrival order; each has its own streamer and frames.
     return demo.queue(max_size=queue_size, default_concurrency_limit=1)
-
-
-def checked_image(value) -> tuple[bool, str]:
-    """(is valid, message) for the image field at upload."""
-    if value is None:
-        return True, ""
-    try:
-        read_upload(value)
-    except ValueError as error:
-        return False, str(error)
-    return True, ""
 
 
 def launch(demo: gr.Blocks, **kwargs):

@@ -342,6 +342,14 @@ def test_bad_input_is_refused_on_its_field_before_it_joins_the_queue(
     assert "answer slots" not in line or "at most -" not in line  # never a negative count
 
 
+def test_every_field_with_a_problem_is_named_at_once(server):
+    client = gradio_client.Client(server, verbose=False)
+    with pytest.raises(ValidationError) as error:
+        client.predict(*api_args(None, "", "Color:<|mask|>*0"), api_name="/answer")
+    fields = [line.split(":")[0] for line in str(error.value).splitlines()[1:]]
+    assert fields == ["- image", "- question", "- response_template"]
+
+
 def test_the_app_keeps_serving_after_refusals_and_reads_numbers_sent_as_text(server, scene):
     client = gradio_client.Client(server, verbose=False)
     for steps in (0, "eight", None):
@@ -390,7 +398,8 @@ def test_answer_length_is_bounded_by_the_positions_the_prompt_leaves(dimple):
     smallest = Image.new("RGB", (app.SMALLEST_IMAGE, app.SMALLEST_IMAGE), "white")
     canvases, result = stream(dimple, smallest, "?", max_new_tokens=limit, steps=1)
     assert len(canvases[-1]) == limit and result.passes == 1
-    with pytest.raises(ValueError, match=f"of the model's {positions} positions, which leaves room for at most {limit} "):
+    leaves = f"of the model's {positions} positions, which leaves room for at most {limit} "
+    with pytest.raises(ValueError, match=leaves):
         stream(dimple, smallest, "?", max_new_tokens=limit + 1, steps=1)
     # A longer prompt leaves fewer slots; the page names its field and the longest answer that fits.
     with pytest.raises(ValueError, match=f"Answer length {limit} does not fit") as error:
@@ -539,6 +548,7 @@ def phone(browser, server):
 
 def ask_in_page(page, image, question, template="", submit="click"):
     page.locator("#image input[type=file]").set_input_files(str(image))
+    page.locator("#image img").wait_for(timeout=30_000)  # uploaded and shown
     page.locator("#question textarea").fill(question)
     page.locator("#template textarea").fill(template)
     page.locator("#threshold input[type=number]").fill(str(SETTINGS["alg_p_threshold"]))
@@ -620,10 +630,11 @@ def test_browser_refusals_are_guidance_on_their_field_with_no_error_badges(page,
     assert colour == "rgb(30, 64, 175)"  # the hint's blue, not the error red
     assert "Error" not in page.locator("#outputs").inner_text()
     page.locator("#steps input").fill("8")
-    # Files Pillow refuses: the message sits on the image.
+    # Files Pillow refuses: the message shows under the image at upload, and on it at "Answer".
     for name, expected in (("bomb.png", "bomb.png is too large"), ("truncated.png", "cut short or damaged")):
         page.locator("#image button[aria-label='Remove Image']").click()
         page.locator("#image input[type=file]").set_input_files(str(files / name))
+        page.locator("#image-note", has_text=expected).wait_for(timeout=60_000)
         page.locator("#run").click()
         page.locator("#image .validation-error", has_text=expected).wait_for(timeout=60_000)
         assert "Error" not in page.locator("#outputs").inner_text()
@@ -636,8 +647,8 @@ def test_browser_a_file_that_is_no_image_gets_its_message_at_upload(browser, ser
     fresh = open_page(browser, server, DESKTOP)
     try:
         fresh.locator("#image input[type=file]").set_input_files(str(files / "not-an-image.png"))
-        message = fresh.locator("#image .validation-error", has_text="not-an-image.png is not an image this demo")
-        message.wait_for(timeout=60_000)
+        fresh.locator("#image-note", has_text="not-an-image.png is not an image this demo").wait_for(timeout=60_000)
+        assert "Error" not in fresh.locator("body").inner_text()
     finally:
         fresh.close()
 
@@ -655,7 +666,9 @@ def test_browser_template_refusal_names_the_template_and_the_next_answer_works(p
 def test_browser_an_animated_gif_says_it_answers_about_the_first_frame(page, files):
     page.locator("#image button[aria-label='Remove Image']").click()
     page.locator("#image input[type=file]").set_input_files(str(files / "animated.gif"))
-    page.get_by_text("it answers about the first frame").first.wait_for(timeout=60_000)
+    page.locator("#image-note", has_text="2 frames): Dimple sees one picture; it answers about the first frame").wait_for(
+        timeout=60_000
+    )
 
 
 def test_browser_stop_cancels_a_queued_request_and_says_so(page, server, scene):
