@@ -15,25 +15,29 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from .generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
+    from .generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
     from .transformers_compat import (
-        ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
+        ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
+        output_cache, warn_old_cache_name,
     )
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
-    from generation_utils import DECODINGS, DIFFUSION_ONLY_ARGUMENTS, DimpleGenerationConfig, DimpleGenerationMixin
+    from generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
     from transformers_compat import (
-        ACT2FN, CACHE_NAME, BaseModelOutputWithPooling, CausalLMOutputWithPast, cache_kwarg, output_cache,
+        ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
+        output_cache, warn_old_cache_name,
     )
 
 
 @dataclass
-class DimpleCausalLMOutputWithPast(CausalLMOutputWithPast):
+class DimpleCausalLMOutputWithPast(CausalLMOutputBase):
     """
     transformers' causal-LM output (`loss`, `logits`, the key/value cache, `hidden_states`, `attentions`; the cache
-    field is `cache` from transformers 5.24 on, `past_key_values` before) plus Dimple's `rope_deltas`.
+    field is `cache` from transformers 5.24 on, `past_key_values` before) plus Dimple's `rope_deltas`. From 5.24 on
+    it is the multimodal output, with the vision tower's `image_outputs` / `video_outputs` (None when the call encoded
+    no image / video), as native vision-language models return them.
 
     Args:
         loss: shifted next-token cross-entropy over `labels != -100` (position i predicts token i + 1).
@@ -69,12 +73,26 @@ class DimplePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # The forward has no data-dependent branch and no host sync once a sequence's first pass is done, so a decoding
+    # step compiles whole (static cache, `compile_config`); transformers' compile tests run for the model.
+    _can_compile_fullgraph = True
     # The stock `_init_weights` recomputes both rotary `inv_freq` tables (LM: theta 1e6, dim 128; ViT: theta 1e4,
     # dim 40), which `from_pretrained` otherwise leaves as uninitialised memory after building on the meta device.
 
 
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "image_features", "pixel_values_videos", "video_grid_thw",
                "video_features")
+
+
+@dataclass(frozen=True)
+class VisionKind:
+    """One kind of visual input (images, videos): its input names, placeholder token id and name in messages."""
+
+    pixels: str
+    grid: str
+    features: str
+    token_id: int
+    name: str
 
 
 def attention_mask_4d(
@@ -136,7 +154,25 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         # Constructed directly (not `_from_config`) so the decoder shares this config object.
         self.model = Qwen2_5_VLTextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.set_attention_kind(config.full_attn_mask)
         self.post_init()
+
+    def set_attention_kind(self, bidirectional: bool) -> None:
+        """Bidirectional (diffusion, the default) or causal (autoregressive) attention, set in the config and every
+        decoder layer together: once here at construction (DiffusionGemma sets it in `__init__`), and by a training
+        stage that changes it. The sdpa/eager masks follow `config.full_attn_mask`, flash kernels the layers'
+        `is_causal`; change the kind through this method so the two agree."""
+        self.config.full_attn_mask = bool(bidirectional)
+        for layer in self.model.layers:
+            layer.self_attn.is_causal = not bidirectional
+
+    @property
+    def vision_kinds(self) -> tuple[VisionKind, VisionKind]:
+        """Images, then videos: the names each goes by (written here once)."""
+        return (
+            VisionKind("pixel_values", "image_grid_thw", "image_features", self.config.image_token_id, "image"),
+            VisionKind("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id, "video"),
+        )
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -153,10 +189,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     # ----------------------------------------------------------------------------------------------- vision
 
     def _encode_visual(
-        self, pixel_values, grid_thw, name: str, return_dict: bool | None = None, **kwargs
+        self, pixel_values, grid_thw, kind: VisionKind, return_dict: bool | None = None, **kwargs
     ) -> BaseModelOutputWithPooling | tuple:
-        grid_name = "image_grid_thw" if name == "pixel_values" else "video_grid_thw"
-        check_visual_inputs(pixel_values, grid_thw, name, grid_name, self.config.vision_config)
+        check_visual_inputs(pixel_values, grid_thw, kind.pixels, kind.grid, self.config.vision_config)
         pixel_values = pixel_values.to(self.visual.dtype)
         vision = self.visual(pixel_values, grid_thw=grid_thw, return_dict=True, **kwargs)
         features = self.img_projector(vision.pooler_output.to(self.lm_head.weight.dtype))
@@ -176,21 +211,20 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         `output_hidden_states` / `output_attentions`) are the vision tower's. With `return_dict=False` (argument, or
         else `config.return_dict`) the same fields come as a tuple.
         """
-        return self._encode_visual(pixel_values, image_grid_thw, "pixel_values", **kwargs)
+        return self._encode_visual(pixel_values, image_grid_thw, self.vision_kinds[0], **kwargs)
 
     def get_video_features(self, pixel_values_videos, video_grid_thw, **kwargs) -> BaseModelOutputWithPooling | tuple:
         """Videos go through the same tower and projector as images (frames paired by `temporal_patch_size`)."""
-        return self._encode_visual(pixel_values_videos, video_grid_thw, "pixel_values_videos", **kwargs)
+        return self._encode_visual(pixel_values_videos, video_grid_thw, self.vision_kinds[1], **kwargs)
 
     def check_token_ids(self, ids: torch.Tensor, name: str) -> None:
         """Every id must index the embedding (see `check_token_ids`)."""
         check_token_ids(ids, self.get_input_embeddings().num_embeddings, name)
 
-    @staticmethod
-    def check_vision_pairs(visual: dict) -> None:
+    def check_vision_pairs(self, visual: dict) -> None:
         """Pixels and grids come in pairs (a grid alone would give M-RoPE positions to an image never encoded)."""
-        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-            check_vision_pair(pixels, visual.get(pixels), grid, visual.get(grid))
+        for kind in self.vision_kinds:
+            check_vision_pair(kind.pixels, visual.get(kind.pixels), kind.grid, visual.get(kind.grid))
 
     def check_prompt_inputs(self, input_ids, attention_mask, visual: dict) -> None:
         """The checks of a user's prompt, made once where it comes in (`generate`, `diffusion_generate`).
@@ -204,16 +238,13 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             return  # the model reads these embeddings, not the ids' (which need no pixels then)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
             return  # embeddings, or a wrong type that the entry point itself reports
-        for pixels_name, grid_name, features_name, token_id, name in (
-            ("pixel_values", "image_grid_thw", "image_features", self.config.image_token_id, "image"),
-            ("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id, "video"),
-        ):
-            given = any(visual.get(key) is not None for key in (pixels_name, grid_name, features_name))
-            blocks = (input_ids[..., :-1] == self.config.vision_start_token_id) & (input_ids[..., 1:] == token_id)
+        for kind in self.vision_kinds:
+            given = any(visual.get(key) is not None for key in (kind.pixels, kind.grid, kind.features))
+            blocks = (input_ids[..., :-1] == self.config.vision_start_token_id) & (input_ids[..., 1:] == kind.token_id)
             if not given and bool(blocks.any()):
                 raise ValueError(
-                    f"The prompt holds {name} placeholder tokens (id {token_id}) but no `{pixels_name}` was given; "
-                    f"pass the processor's `{pixels_name}` and `{grid_name}` with the prompt."
+                    f"The prompt holds {kind.name} placeholder tokens (id {kind.token_id}) but no `{kind.pixels}` was "
+                    f"given; pass the processor's `{kind.pixels}` and `{kind.grid}` with the prompt."
                 )
 
     def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
@@ -269,13 +300,10 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
 
         merge = self.config.vision_config.spatial_merge_size
         grids = {}  # placeholders of a kind without a grid are text, as in `forward`
-        for token_id, grid, grid_name in (
-            (self.config.image_token_id, image_grid_thw, "image_grid_thw"),
-            (self.config.video_token_id, video_grid_thw, "video_grid_thw"),
-        ):
+        for kind, grid in zip(self.vision_kinds, (image_grid_thw, video_grid_thw)):
             if grid is not None:
-                check_grid(grid, grid_name, merge, still_images=token_id == self.config.image_token_id)
-                grids[token_id] = iter(grid)
+                check_grid(grid, kind.grid, merge, still_images=kind.name == "image")
+                grids[kind.token_id] = iter(grid)
         positions = torch.ones(3, batch, length, dtype=torch.long, device=device)
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
         for b in range(batch):
@@ -290,7 +318,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 try:
                     grid = next(grids[kind])
                 except StopIteration:
-                    name = "image_grid_thw" if kind == self.config.image_token_id else "video_grid_thw"
+                    name = next(k.grid for k in self.vision_kinds if k.token_id == kind)
                     raise ValueError(f"The prompts hold more vision blocks than `{name}` has rows.") from None
                 text = block_start - cursor
                 chunks.append(torch.arange(text, device=device).expand(3, -1) + start)
@@ -310,12 +338,21 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
 
     # --------------------------------------------------------------------------------------------- forward
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length, first_pass: bool):
+        """Shapes always (no host sync); values (ids inside the vocabulary, a 0/1 mask) on a sequence's first pass
+        only, outside compiled code: a decoding loop's later passes feed back what the model produced, and its doors
+        (`generate`, `diffusion_generate`) checked the prompt, so no step of the loop waits on these reads."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            self.check_token_ids(input_ids, "input_ids")
+        if first_pass and not torch.compiler.is_compiling():
+            if input_ids is not None:
+                self.check_token_ids(input_ids, "input_ids")
+            check_attention_mask_values(attention_mask)
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"`attention_mask` must be a tensor (2-D of 0/1, or a 4-D mask), got {type(attention_mask).__name__}."
+            )
         if attention_mask is None or attention_mask.ndim == 4:
             return
         if attention_mask.ndim != 2:
@@ -323,16 +360,15 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 f"`attention_mask` must be 2-D [batch, keys] of 0/1 or a 4-D mask, got shape "
                 f"{tuple(attention_mask.shape)}."
             )
-        if not torch.compiler.is_compiling():
-            check_attention_mask_values(attention_mask)
-        if attention_mask.shape != (batch, past_length + length):
+        if isinstance(past_length, int) and attention_mask.shape != (batch, past_length + length):
             raise ValueError(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected ({batch}, {past_length + length}):"
                 f" one row per sample and one column per cached and current token."
             )
 
-    def _decoder_mask(self, attention_mask, batch, past_length, query_positions, sequence_ids, dtype, device):
-        """The mask in the form the configured attention implementation wants."""
+    def _decoder_mask(self, attention_mask, batch, key_length, query_positions, sequence_ids, dtype, device):
+        """The mask in the form the configured attention implementation wants, over `key_length` keys (a static
+        cache's whole length: its slots past the current tokens are masked)."""
         impl = self.config._attn_implementation
         if impl is not None and impl.startswith("flash_attention"):
             if sequence_ids is not None:
@@ -340,26 +376,27 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                     "Packed sequences (position_ids restarting at 0) need the sdpa or eager attention here; load the "
                     "model with attn_implementation='sdpa', or pad the batch instead of packing it."
                 )
-            for layer in self.model.layers:
-                layer.self_attn.is_causal = not self.config.full_attn_mask
             return attention_mask  # flash kernels take the 2-D padding mask (or None) and handle unpadding
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + len(query_positions), dtype=torch.long, device=device)
-        if attention_mask.ndim == 4:
+        if attention_mask is not None and attention_mask.ndim == 4:
             mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
         else:
-            mask = attention_mask_4d(attention_mask.to(device), query_positions, self.config.full_attn_mask)
+            mask = attention_mask_4d(
+                padding_mask(attention_mask, batch, key_length, query_positions), query_positions,
+                self.config.full_attn_mask,
+            )  # fmt: skip
         if sequence_ids is not None:  # packed sequences see only themselves
             mask = mask & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
         if impl == "eager":
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
 
-    def _embed_inputs(self, input_ids, inputs_embeds=None, **visual) -> tuple[torch.Tensor, torch.LongTensor | None]:
-        """Token embeddings with the image/video features in their placeholder slots, and the placeholder layout
-        (`input_ids`, or the ids recovered from `inputs_embeds` when vision inputs need it; else None).
+    def _embed_inputs(self, input_ids, inputs_embeds=None, vision_flags=None, **visual):
+        """Token embeddings with the image/video features in their placeholder slots, the placeholder layout
+        (`input_ids`, or the ids recovered from `inputs_embeds` when vision inputs need it; else None), and the vision
+        tower's output per kind encoded in this call (`{"image": ..., "video": ...}`).
 
         `visual`: `pixel_values` / `image_grid_thw` / `image_features` and the video counterparts (None = absent).
+        `vision_flags`: `output_attentions` / `output_hidden_states` for the vision tower.
         """
         placeholders = input_ids
         if inputs_embeds is None:
@@ -367,18 +404,22 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         elif any(value is not None for value in visual.values()):
             placeholders = self.placeholder_ids(inputs_embeds)
         visual = {**dict.fromkeys(VISUAL_KEYS), **visual}
-        for pixels_name, grid_name, features_name, token_id, encode, name in (
-            ("pixel_values", "image_grid_thw", "image_features", self.config.image_token_id,
-             self.get_image_features, "image"),
-            ("pixel_values_videos", "video_grid_thw", "video_features", self.config.video_token_id,
-             self.get_video_features, "video"),
-        ):  # fmt: skip
-            features = visual[features_name]
-            if visual[pixels_name] is not None and features is None:
-                features = torch.cat(encode(visual[pixels_name], visual[grid_name], return_dict=True).pooler_output)
+        encoded = {}
+        for kind in self.vision_kinds:
+            features = visual[kind.features]
+            if visual[kind.pixels] is not None and features is None:
+                encoded[kind.name] = self._encode_visual(
+                    visual[kind.pixels], visual[kind.grid], kind, return_dict=True, **(vision_flags or {})
+                )
+                features = torch.cat(encoded[kind.name].pooler_output)
             if features is not None:
-                inputs_embeds = self.merge_visual_features(inputs_embeds, placeholders, features, token_id, name)
-        return inputs_embeds, placeholders
+                inputs_embeds = self.merge_visual_features(inputs_embeds, placeholders, features, kind.token_id, kind.name)
+        return inputs_embeds, placeholders, encoded
+
+    def embed_prompt(self, input_ids: torch.LongTensor, **visual) -> torch.Tensor:
+        """Token embeddings of `input_ids` with the image/video features in their placeholder slots (each image
+        encoded once): what diffusion decoding runs every step from, instead of re-encoding the images."""
+        return self._embed_inputs(input_ids, **visual)[0]
 
     def forward(
         self,
@@ -429,11 +470,19 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 for the given sequence indices.
             output_attentions / output_hidden_states: per-layer outputs; default to the config's flags.
         """
+        if past_key_values is not None:
+            warn_old_cache_name(f"{type(self).__name__}.forward")
         cache = cache if cache is not None else past_key_values
+        # A static cache counts its tokens in a tensor (read without a host sync below); a first pass starts from an
+        # empty dynamic cache, an unused static one (int 0 until it is first written), or none.
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
-        inputs_embeds, placeholders = self._embed_inputs(
-            input_ids, inputs_embeds, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        first_pass = isinstance(past_length, int) and past_length == 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, first_pass)
+        # Output flags are passed only when set, so transformers falls back to the config's.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        flags = {name: value for name, value in flags.items() if value is not None}
+        inputs_embeds, placeholders, encoded = self._embed_inputs(
+            input_ids, inputs_embeds, vision_flags=flags, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             image_features=image_features, pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
             video_features=video_features,
         )  # fmt: skip
@@ -441,29 +490,29 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         device = inputs_embeds.device
 
         # Absolute indices of the current tokens: they follow the cached ones.
-        query_positions = torch.arange(past_length, past_length + length, device=device)
+        query_positions = torch.arange(length, device=device) + past_length
+        key_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else length
         sequence_ids = None
         if position_ids is None:
             position_ids, rope_deltas = self._default_positions(
-                placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
-            )
+                placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch,
+                past_length,
+            )  # fmt: skip
         else:
             position_ids = position_ids[None].expand(3, -1, -1) if position_ids.ndim == 2 else position_ids
-            if past_length == 0:
+            if first_pass and key_length == length:  # packing fills a batch, never a preallocated cache
                 sequence_ids = packed_sequence_ids(position_ids)
         mask = self._decoder_mask(
-            attention_mask, batch, past_length, query_positions, sequence_ids, inputs_embeds.dtype, device
+            attention_mask, batch, key_length, query_positions, sequence_ids, inputs_embeds.dtype, device
         )
 
-        # Output flags are passed only when set, so transformers falls back to the config's.
-        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         decoder_out = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask={"full_attention": mask},
             position_ids=position_ids,
             use_cache=use_cache,
             return_dict=True,  # the decoder shares this config: `config.return_dict=False` would give it a tuple
-            **{name: value for name, value in flags.items() if value is not None},
+            **flags,
             **cache_kwarg(cache),
             **kwargs,
         )
@@ -485,14 +534,16 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             hidden_states=decoder_out.hidden_states,
             attentions=decoder_out.attentions,
             rope_deltas=rope_deltas,
+            **({"image_outputs": encoded.get("image"), "video_outputs": encoded.get("video")} if MULTIMODAL_OUTPUTS else {}),
         )
         return output if self._returns_dict(return_dict) else output.to_tuple()
 
     def _default_positions(
-        self, placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch
+        self, placeholders, image_grid_thw, video_grid_thw, attention_mask, rope_deltas, query_positions, batch,
+        past_length,
     ):
         mask_2d = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
-        if query_positions[0] == 0:
+        if is_empty(past_length):
             if placeholders is None:  # inputs_embeds without vision inputs: text positions
                 placeholders = torch.zeros(batch, len(query_positions), dtype=torch.long, device=query_positions.device)
             return self.get_rope_index(placeholders, image_grid_thw, video_grid_thw, mask_2d)
@@ -526,56 +577,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         )
 
     # ------------------------------------------------------------------------- autoregressive `generate`
+    # `generate` itself (diffusion or autoregressive, as the generation config selects) is DimpleGenerationMixin's.
     # The stock loop decodes left to right once it has Dimple's multimodal RoPE positions: they are computed over the
     # whole prompt (images included) before the first step, sliced to the uncached tokens at every step and extended
     # by one per new token. Attention is bidirectional by default, so cached decoding is not the same as re-running
     # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
     # agree.
-
-    def generate(self, inputs=None, generation_config=None, decoding: str | None = None, **kwargs):
-        """Answer with the decoding the generation config selects, as transformers' own diffusion LMs do.
-
-        `decoding="diffusion"` (the checkpoints this package writes) runs [`~DimpleGenerationMixin.diffusion_generate`]
-        with the same arguments, outputs and streamer protocol; `"autoregressive"` (the default of a plain config)
-        runs the stock left-to-right `GenerationMixin.generate` (greedy, sampling, `max_new_tokens`, `eos_token_id`,
-        streamers, `num_return_sequences` with images). The keyword `decoding` overrides the config for one call;
-        otherwise the `generation_config` argument's setting, then `model.generation_config`'s, decides.
-
-        With the default bidirectional attention (`config.full_attn_mask=True`), autoregressive `use_cache=False`
-        re-runs the whole sequence each step (every token sees every other), while `use_cache=True` reuses
-        keys/values computed before later tokens existed, so the two can differ after the first new token. With
-        causal attention they agree.
-        """
-        decoding = self.selected_decoding(generation_config, decoding)
-        if decoding == "diffusion":
-            return self.diffusion_generate(inputs, generation_config, **kwargs)
-        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
-        if misplaced:
-            raise TypeError(
-                f"{misplaced} are diffusion settings; this `generate` call decodes autoregressively (pass "
-                '`decoding="diffusion"` or call `diffusion_generate`).'
-            )
-        prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
-        return super().generate(inputs, generation_config, **kwargs)
-
-    def adjust_generation_fn(self, generation_config, *args, **kwargs):
-        """`from_pretrained`'s generation config, as a `DimpleGenerationConfig`: transformers 5.23-5.25 load
-        `generation_config.json` as a plain `GenerationConfig` (DiffusionGemma overrides this hook for the same
-        reason); the diffusion settings in it are carried over and validated."""
-        super().adjust_generation_fn(generation_config, *args, **kwargs)
-        if not isinstance(self.generation_config, self.generation_config_class):
-            self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
-
-    def selected_decoding(self, generation_config=None, decoding: str | None = None) -> str:
-        """`decoding` if given, else the `generation_config` argument's, else `model.generation_config`'s setting."""
-        for source in (generation_config, self.generation_config):
-            if decoding is None and source is not None:
-                decoding = getattr(source, "decoding", None)
-        decoding = decoding or "autoregressive"
-        if decoding not in DECODINGS:
-            raise ValueError(f"`decoding` must be one of {DECODINGS}, got {decoding!r}.")
-        return decoding
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""
@@ -594,18 +601,29 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         """The stock inputs, with only the images whose placeholders are not cached yet (a continued chat)."""
         inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         cache = inputs.get(CACHE_NAME)
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length == 0:
+        if cache is None or all(inputs.get(kind.pixels) is None for kind in self.vision_kinds):
+            return inputs  # the stock loop passes pixels only to the first pass of a call
+        past_length = cache.get_seq_length()
+        if is_empty(past_length):
             return inputs
-        for pixels, grid, token_id in (
-            ("pixel_values", "image_grid_thw", self.config.image_token_id),
-            ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
-        ):
-            if inputs.get(pixels) is not None and inputs.get(grid) is not None:
-                inputs[pixels], inputs[grid] = self._uncached_visual_inputs(
-                    input_ids, inputs[pixels], inputs[grid], token_id, past_length
+        for kind in self.vision_kinds:
+            if inputs.get(kind.pixels) is not None and inputs.get(kind.grid) is not None:
+                inputs[kind.pixels], inputs[kind.grid] = self._uncached_visual_inputs(
+                    input_ids, inputs[kind.pixels], inputs[kind.grid], kind.token_id, past_length
                 )
         return inputs
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
+        """The mask of each decoding step with a compileable (static) cache, which transformers builds before the
+        (compiled) forward: Dimple's boolean `[B, 1, q, cache length]` mask, bidirectional or causal as configured,
+        instead of the stock causal mask mapping. Flash kernels take the 2-D mask."""
+        if self.config._attn_implementation.startswith("flash_attention"):
+            return attention_mask
+        cache = kwargs[CACHE_NAME]
+        batch, length = inputs_embeds.shape[:2]
+        query_positions = torch.arange(length, device=inputs_embeds.device) + cache.get_seq_length()
+        keys = padding_mask(attention_mask, batch, cache.get_mask_sizes(length, 0)[0], query_positions)
+        return attention_mask_4d(keys, query_positions, self.config.full_attn_mask)
 
     def _uncached_visual_inputs(self, input_ids, pixels, grid, token_id, past_length):
         """The patch rows and grid rows of the vision blocks that start at or after `past_length`."""
@@ -633,14 +651,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         if (input_ids is None or input_ids.shape[1] == 0) and model_kwargs.get("inputs_embeds") is not None:
             placeholders = self.placeholder_ids(model_kwargs["inputs_embeds"])  # prompt given as embeddings only
         if expand_size > 1 and placeholders is not None:
-            for pixels, grid, token_id in (
-                ("pixel_values", "image_grid_thw", self.config.image_token_id),
-                ("pixel_values_videos", "video_grid_thw", self.config.video_token_id),
-            ):
-                if model_kwargs.get(pixels) is not None and model_kwargs.get(grid) is not None:
-                    visual[pixels], visual[grid] = self._repeat_visual_per_prompt(
-                        placeholders, model_kwargs.pop(pixels), model_kwargs.pop(grid), token_id, expand_size
-                    )
+            for kind in self.vision_kinds:
+                if model_kwargs.get(kind.pixels) is not None and model_kwargs.get(kind.grid) is not None:
+                    visual[kind.pixels], visual[kind.grid] = self._repeat_visual_per_prompt(
+                        placeholders, model_kwargs.pop(kind.pixels), model_kwargs.pop(kind.grid), kind.token_id,
+                        expand_size,
+                    )  # fmt: skip
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
@@ -657,6 +673,26 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             torch.cat([p for p in patches for _ in range(times)]),
             torch.cat([g for g in grids for _ in range(times)]),
         )
+
+
+def is_empty(past_length) -> bool:
+    """Whether no token is cached. A static cache counts in a tensor: read eagerly (one host sync, outside the
+    decoding loop, which passes `position_ids`), and taken as non-empty inside compiled code."""
+    if isinstance(past_length, torch.Tensor):
+        return not torch.compiler.is_compiling() and bool(past_length == 0)
+    return past_length == 0
+
+
+def padding_mask(attention_mask, batch: int, key_length: int, query_positions: torch.Tensor) -> torch.Tensor:
+    """The 2-D 0/1 mask over all `key_length` keys: the given one (default: every cached and current token real),
+    zero-padded on the right, where a static cache keeps its unused slots."""
+    if attention_mask is None:
+        keys = torch.arange(key_length, device=query_positions.device) <= query_positions[-1]
+        return keys[None].expand(batch, -1)
+    attention_mask = attention_mask.to(query_positions.device)
+    if key_length > attention_mask.shape[1]:
+        attention_mask = F.pad(attention_mask.long(), (0, key_length - attention_mask.shape[1]))
+    return attention_mask
 
 
 def packed_sequence_ids(position_ids: torch.LongTensor) -> torch.LongTensor | None:

@@ -155,7 +155,7 @@ def configure_stage(model, stage: str):
             f"The model has no {', '.join(sorted(missing))} module; configure the stage on the Dimple model itself "
             "(before any PEFT wrapping)."
         )
-    model.config.full_attn_mask = spec.objective == "diffusion"
+    model.set_attention_kind(bidirectional=spec.objective == "diffusion")
     for name, param in model.named_parameters():
         param.requires_grad_(name.split(".", 1)[0] in spec.trainable)
     return model
@@ -1025,7 +1025,7 @@ def _set_output_decoding(trainer, model) -> None:
     saved = getattr(trainer, "output_full_attn_mask", None)
     if saved is None:
         return
-    model.config.full_attn_mask = saved
+    model.set_attention_kind(bidirectional=saved)
     model.generation_config.decoding = "diffusion" if saved else "autoregressive"
     processor = getattr(trainer, "processor", None)
     if processor is not None:

@@ -126,7 +126,7 @@ def run_stage(model, processor, stage, steps, lr, data, args, workdir, **collato
 
 
 def save_checkpoint(model, processor, output: Path, report: dict):
-    model.config.full_attn_mask = True  # inference is bidirectional whatever the last stage was
+    model.set_attention_kind(bidirectional=True)  # inference is bidirectional whatever the last stage was
     model.generation_config = generation_config(model.config)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)

@@ -111,12 +111,26 @@ def test_forward_takes_the_cache_under_either_name_and_returns_it_under_this_rel
     with torch.no_grad():
         expected = model(input_ids=ids).logits[:, 5:]
         for name in ("cache", "past_key_values"):
-            first = model(input_ids=ids[:, :5], use_cache=True, **{name: DynamicCache()})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                first = model(input_ids=ids[:, :5], use_cache=True, **{name: DynamicCache()})
             cache = transformers_compat.output_cache(first)
             rest = model(input_ids=ids[:, 5:], use_cache=True, rope_deltas=first.rope_deltas, **{name: cache})
             torch.testing.assert_close(rest.logits, expected)
             assert cache.get_seq_length() == 9
+            # The old name warns as native models' forward does, where the release has renamed it (>= 5.24).
+            deprecated = [w for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+            assert len(deprecated) == (name == "past_key_values" and transformers_compat.CACHE_NAME == "cache")
     assert transformers_compat.CACHE_NAME in type(first).__dataclass_fields__
+
+
+def test_the_packages_own_decoding_never_warns_about_the_cache_name(tiny_model):
+    ids = torch.arange(3, 12)[None]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is deprecated.*")
+        tiny_model.generate(input_ids=ids, max_new_tokens=3, decoding="autoregressive", do_sample=False)
+        tiny_model.generate(input_ids=ids, max_new_tokens=3, decoding="autoregressive", cache_implementation="static")
+        tiny_model.diffusion_generate(input_ids=ids, max_new_tokens=4, steps=4, use_cache=True)
 
 
 def test_trainer_evaluation_drops_the_cache_under_the_name_this_release_returns_it():

@@ -4,11 +4,13 @@ Cache reuse across calls (multi-turn chat, assisted decoding), `inputs_embeds`, 
 config's output flags, packed (padding-free) sequences and `shift_labels`.
 """
 
+import collections
+
 import pytest
 import torch
 from conftest import TEXT_VOCAB, image_block, left_pad, make_tiny_model, random_pixels
 
-from transformers_compat import BaseModelOutputWithPooling, cache_kwarg, output_cache
+from transformers_compat import MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, cache_kwarg, output_cache
 
 GRID = (1, 4, 6)  # one image: 24 patches, 6 placeholder tokens
 
@@ -232,3 +234,89 @@ def test_shift_labels_give_the_labels_loss(tiny_model):
         )
     torch.testing.assert_close(from_shifted, from_labels)
     torch.testing.assert_close(from_shifted, by_hand)
+
+
+# ------------------------------------------------------------------------------- static cache, compiled decoding
+
+
+@pytest.mark.parametrize("full_attn_mask", [False, True], ids=["causal", "bidirectional"])
+def test_autoregressive_decoding_with_a_static_cache_gives_the_dynamic_cache_answers(full_attn_mask):
+    model = make_tiny_model(full_attn_mask=full_attn_mask)
+    pixels, grid = random_pixels([GRID, GRID])
+    ids, mask = left_pad([image_prompt(model.config), text(7, 3) + image_block(model.config, GRID)], pad_id=0)
+    inputs = dict(attention_mask=mask, pixel_values=pixels, image_grid_thw=grid, decoding="autoregressive")
+    dynamic = greedy(model, ids, max_new_tokens=8, **inputs)
+    static = greedy(model, ids, max_new_tokens=8, cache_implementation="static", **inputs)
+    assert torch.equal(static, dynamic)
+
+
+def test_compiled_static_cache_decoding_has_no_graph_break_and_gives_the_eager_answers():
+    from transformers import CompileConfig
+
+    model = make_tiny_model(full_attn_mask=False)
+    ids, mask = left_pad([text(3, 9), text(5, 6)], pad_id=0)
+    eager = greedy(model, ids, attention_mask=mask, max_new_tokens=6, decoding="autoregressive")
+    compile_config = CompileConfig(fullgraph=True)  # a graph break in the forward raises instead of splitting it
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        compiled = greedy(
+            model, ids, attention_mask=mask, max_new_tokens=6, decoding="autoregressive",
+            cache_implementation="static", compile_config=compile_config,
+        )  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decoding steps did run compiled
+    assert torch.equal(compiled, eager)
+
+
+# ------------------------------------------------------------------------------- checks at the doors
+
+
+@pytest.mark.parametrize("entry", ["generate", "diffusion_generate"])
+def test_input_values_are_checked_once_per_call_not_at_every_step(monkeypatch, tiny_model, entry):
+    """The host-syncing checks (ids inside the vocabulary, a 0/1 mask) run at the call's door and first pass only."""
+    import modeling_dimple
+
+    calls = []
+    for name in ("check_attention_mask_values", "check_token_ids"):
+        original = getattr(modeling_dimple, name)
+        monkeypatch.setattr(
+            modeling_dimple, name, lambda *args, _original=original, _name=name: calls.append(_name) or _original(*args)
+        )
+    ids, mask = left_pad([text(3, 9), text(5, 6)], pad_id=0)
+    counts = []
+    for tokens in (2, 8):
+        calls.clear()
+        if entry == "generate":
+            greedy(tiny_model, ids, attention_mask=mask, max_new_tokens=tokens, decoding="autoregressive")
+        else:
+            tiny_model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=tokens, steps=tokens, use_cache=True)
+        counts.append(collections.Counter(calls))
+    assert counts[0] == counts[1] and counts[0]  # checked, and as often for 8 steps as for 2
+
+
+def test_attention_kind_is_set_once_in_the_config_and_every_layer(tiny_model):
+    causal = make_tiny_model(full_attn_mask=False)
+    assert [layer.self_attn.is_causal for layer in causal.model.layers] == [True, True]
+    assert [layer.self_attn.is_causal for layer in tiny_model.model.layers] == [False, False]
+    ids = torch.tensor([text(3, 6)])
+    with torch.no_grad():
+        bidirectional_logits = tiny_model(input_ids=ids).logits
+        tiny_model.set_attention_kind(bidirectional=False)
+        assert tiny_model.config.full_attn_mask is False
+        assert [layer.self_attn.is_causal for layer in tiny_model.model.layers] == [True, True]
+        torch.testing.assert_close(tiny_model(input_ids=ids).logits, causal(input_ids=ids).logits)
+        tiny_model.set_attention_kind(bidirectional=True)
+        torch.testing.assert_close(tiny_model(input_ids=ids).logits, bidirectional_logits)
+
+
+@pytest.mark.skipif(not MULTIMODAL_OUTPUTS, reason="transformers <= 5.23 has no multimodal output classes")
+def test_outputs_carry_the_vision_towers_output_of_the_images_they_encoded(tiny_model):
+    pixels, grid = random_pixels([GRID])
+    ids = torch.tensor([image_prompt(tiny_model.config)])
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, output_hidden_states=True)
+        features = tiny_model.get_image_features(pixels, grid).pooler_output
+    assert out.video_outputs is None
+    assert len(out.image_outputs.pooler_output) == 1 and out.image_outputs.hidden_states is not None
+    torch.testing.assert_close(out.image_outputs.pooler_output[0], features[0])
+    assert tiny_model(input_ids=ids).image_outputs is None  # no image encoded

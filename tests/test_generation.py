@@ -386,13 +386,13 @@ def test_lm_head_only_scores_answer_slots():
 def test_cached_steps_never_grow_the_prefix():
     model = confident_model()
     prefixes = []
-    original = model._score_answer
+    original = model.score_answer_slots
 
     def spy(batch, answer, start, cache):
         prefixes.append(None if cache is None else cache.get_seq_length())
         return original(batch, answer, start, cache)
 
-    model._score_answer = spy
+    model.score_answer_slots = spy
     model.diffusion_generate(torch.tensor([PROMPT]), max_new_tokens=5, steps=5, alg="maskgit_plus", use_cache=True)
     assert prefixes[0] == 0 and prefixes[1:] == [len(PROMPT) - 1] * (len(prefixes) - 1)
 

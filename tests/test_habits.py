@@ -180,6 +180,8 @@ def test_transition_scores_are_the_answer_tokens_log_probabilities(model, proces
     expected = torch.stack([F.log_softmax(score[0], -1)[token] for score, token in zip(out.scores, answer)])
     assert torch.allclose(transition[0], expected, atol=1e-5)  # log_softmax over a reshaped batch: rounding
     assert (transition.exp() > model.generation_config.alg_p_threshold).all()  # one pass, all by confidence
+    with pytest.warns(UserWarning, match="return_dict_in_generate=True"):  # as transformers: said, not dropped
+        model.generate(**inputs, output_scores=True)
 
 
 # ------------------------------------------------------------- row 4: tokenizer, stopping criteria, stop strings

@@ -258,8 +258,8 @@ def test_cached_suffix_matches_full_forward_in_causal_mode():
     with torch.no_grad():
         full = model(input_ids=ids).logits
         cache = DynamicCache()
-        first = model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
-        rest = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True, rope_deltas=first.rope_deltas)
+        first = model(input_ids=ids[:, :6], cache=cache, use_cache=True)
+        rest = model(input_ids=ids[:, 6:], cache=cache, use_cache=True, rope_deltas=first.rope_deltas)
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-5, rtol=0)
 
 

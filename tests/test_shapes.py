@@ -22,6 +22,7 @@ from shapes.task import (
     train_examples,
     validation_examples,
 )
+from tools.assemble_checkpoint import REMOTE_CODE_FILES
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "dimple-shapes"
 
@@ -127,11 +128,7 @@ def test_inspect_binding_reads_the_shipped_vision_tokens(capsys):
     assert len(re.findall(r"layer \d, head \d: named shape [\d.]+, each other shape [\d.]+", out)) == 4
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["configuration_dimple.py", "modeling_dimple.py", "generation_utils.py", "processing_dimple.py",
-     "image_processing_dimple.py", "transformers_compat.py"],
-)  # fmt: skip
+@pytest.mark.parametrize("module", REMOTE_CODE_FILES)  # the one list of remote-code modules
 def test_checkpoint_code_is_the_repository_code(module):
     """The checkpoint carries copies of the remote code; they must not drift from the package (copy them on change)."""
     repo_root = CHECKPOINT.parents[1]

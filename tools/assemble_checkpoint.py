@@ -33,6 +33,7 @@ REMOTE_CODE_FILES = (
     "configuration_dimple.py",
     "modeling_dimple.py",
     "generation_utils.py",
+    "denoising_dimple.py",
     "processing_dimple.py",
     "image_processing_dimple.py",
     "transformers_compat.py",

@@ -1,45 +1,79 @@
-"""Diffusion generation for Dimple: `diffusion_generate` (masked-diffusion decoding), its settings and streamer.
+"""Diffusion generation for Dimple: how a call runs. Its settings (`DimpleGenerationConfig` and the one resolver,
+`resolve_generation_settings`), the canvas (prompt + N `<|mask|>` slots), the prompt cache, the decode loop of
+`diffusion_generate`, and the mixin that gives the model `generate` (diffusion or autoregressive, as the generation
+config selects), plus the streamer that shows whole-batch canvases.
 
-`diffusion_generate` appends N `<|mask|>` slots to the prompt and fills them over several forward passes. Each pass
-scores every answer slot; a *pipeline* decides which masked slots are committed:
+How a slot is chosen (sampling, schedules, rankings, the `Algorithm` records, one `denoising_step`) is
+`denoising_dimple.py`; its public names are re-exported here. With the prefill cache, [`cached_denoising_pass`] is
+forward + step, compiled as one graph by `compile_step=True`. The model side of the autoregressive `generate`
+(M-RoPE positions, per-prompt images, masks for a static cache) lives in `modeling_dimple.py`.
 
-- `dim` (Dimple's confident decoding): with a threshold `alg_p_threshold` = gamma, commit every masked slot whose
-  confidence is above gamma; when none is, commit k slots from a time schedule re-anchored to the share of masks
-  still left; the last allowed step commits everything; decoding stops as soon as no mask is left.
-- `dream` (Dream v0's sampler): a fixed schedule, k = int(M * (1 - s/t)) slots per step (M masks left, t > s two
-  consecutive points of `linspace(1, eps, steps + 1)`), everything at the last step.
-
-`alg` says how slots are ranked: `origin` (random), `origin-ratio` (each slot with the schedule's probability, dim
-only), `autoregressive` (leftmost first), `maskgit_plus` (token probability), `topk_margin` (top-1 minus top-2
-probability) or `entropy` (negative entropy). All the rules follow the reference description of the released model
-(spec section 5); the deviations from upstream are listed in `DimpleGenerationMixin.diffusion_generate`.
-
-One step of it is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`)
-says how many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones.
-With the prefill cache, [`cached_denoising_pass`] is forward + step, compiled as one graph by `compile_step=True`.
-The autoregressive
-`generate` plumbing (M-RoPE positions, per-prompt images) lives in `modeling_dimple.py` next to `get_rope_index`.
+The mixin asks the model for: `get_rope_index`, `embed_prompt` (token embeddings with the vision features in place),
+`check_prompt_inputs`, `check_token_ids`, `check_vision_pairs`, its input/output embeddings, and `forward`.
 """
 
 import copy
 import functools
 import math
 import warnings
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, GenerationMixin, StoppingCriteriaList, TopKLogitsWarper
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, StoppingCriteriaList
 
 try:
+    from .denoising_dimple import (
+        ALGORITHMS,
+        BOTH_SCHEDULES,
+        PIPELINES,
+        SCHEDULES,
+        Algorithm,
+        StepInputs,
+        StepRules,
+        StepState,
+        denoising_step,
+        dim_schedule,
+        dream_schedule,
+        leftmost_first,
+        most_confident,
+        random_order,
+        rank_of_each_slot,
+        reanchored_fallback,
+        sample_tokens,
+        sampling_logits,
+        schedule_can_commit,
+        step_randomness,
+        top_p_logits,
+    )
     from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg, standard_generation_defaults
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
+    from denoising_dimple import (
+        ALGORITHMS,
+        BOTH_SCHEDULES,
+        PIPELINES,
+        SCHEDULES,
+        Algorithm,
+        StepInputs,
+        StepRules,
+        StepState,
+        denoising_step,
+        dim_schedule,
+        dream_schedule,
+        leftmost_first,
+        most_confident,
+        random_order,
+        rank_of_each_slot,
+        reanchored_fallback,
+        sample_tokens,
+        sampling_logits,
+        schedule_can_commit,
+        step_randomness,
+        top_p_logits,
+    )
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg, standard_generation_defaults
 
-PIPELINES = ("dim", "dream")
 # What `generate` runs: `diffusion` is `diffusion_generate`, `autoregressive` the standard left-to-right loop.
 DECODINGS = ("diffusion", "autoregressive")
 VISUAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -285,6 +319,9 @@ class DimpleGenerationConfig(GenerationConfig):
             messages.append(f'`alg_temp` only affects {ranked}; it is ignored with alg="{self.alg}".')
         if self.cache_refresh_interval and not self.use_cache:
             messages.append("`cache_refresh_interval` has no effect without `use_cache=True`.")
+        extras = [name for name in ("output_scores", "output_logits", "output_history") if getattr(self, name)]
+        if extras and not self.return_dict_in_generate:
+            messages.append(f"{extras} are returned only with `return_dict_in_generate=True`.")
         return messages
 
 
@@ -466,295 +503,6 @@ class DiffusionTextStreamer(BaseStreamer):
             print(f"{prefix} {text}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------- sampling
-
-
-def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `top_p`; the top-1 token always stays.
-
-    Hand-written rather than transformers' `TopPLogitsWarper`: the warper sums the tail in ascending order, which
-    rounds differently at the boundary and so is not bit-identical to the released rule kept here.
-    """
-    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
-    cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
-    remove = cumulative > top_p
-    remove = torch.cat([torch.zeros_like(remove[..., :1]), remove[..., :-1]], dim=-1)  # keep the crossing token
-    remove = torch.zeros_like(remove).scatter(-1, sorted_indices, remove)
-    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
-
-
-def sampling_logits(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None
-) -> torch.Tensor:
-    """The logits tokens are drawn from: divided by the temperature (when > 0), then top-p and top-k filtered."""
-    if temperature and temperature > 0:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1:
-        logits = top_p_logits(logits, top_p)
-    if top_k:
-        # transformers' filter, bit-identical here: -inf and the dtype's minimum both get probability 0.
-        logits = TopKLogitsWarper(top_k)(None, logits)
-    return logits
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    confidence: str = "probability",
-    use_original_confidence: bool = False,
-    noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick a token for each slot of `logits` [..., V] and score it; returns (confidence [...], tokens [...]).
-
-    Tokens: sampled from the tempered, top-p/top-k filtered distribution p when temperature > 0, else argmax of p.
-    Sampling is argmax(p / noise) with `noise` ~ Exp(1) of the logits' shape (drawn here when not given), which
-    picks token i with probability p_i without a host sync. Confidence, from p or, with `use_original_confidence`,
-    from the unfiltered softmax: "probability" of the chosen token, "margin" (top-1 minus top-2 probability) or
-    "entropy" (sum p log p, i.e. minus the entropy). All in the logits' dtype, like the released code.
-    """
-    raw_probs = F.softmax(logits, dim=-1) if use_original_confidence else None
-    probs = F.softmax(sampling_logits(logits, temperature, top_p, top_k), dim=-1)
-    if temperature and temperature > 0:
-        noise = torch.empty_like(probs).exponential_() if noise is None else noise
-        tokens = (probs / noise).argmax(dim=-1)
-    else:
-        tokens = probs.argmax(dim=-1)
-    scored = raw_probs if use_original_confidence else probs
-    if confidence == "margin":
-        top2 = torch.topk(scored, 2, dim=-1).values
-        return top2[..., 0] - top2[..., 1], tokens
-    if confidence == "entropy":
-        return (scored * torch.log(scored + 1e-10)).sum(dim=-1), tokens
-    return scored.gather(-1, tokens[..., None]).squeeze(-1), tokens
-
-
-# ------------------------------------------------------------------------------------------- one denoising step
-# A step decides, for every row at once, how many masked slots it commits (the schedule of the pipeline) and which
-# ones (the ranking of `alg`): `chosen = masked & (rank < count[:, None])`. Per-row quantities are tensors and
-# random draws come in as arguments, so the step has no host sync and no data-dependent shape and compiles whole.
-
-
-@dataclass(frozen=True)
-class StepRules:
-    """The settings one denoising step reads; fixed during a call (a compiled step specialises on them)."""
-
-    decoding_pipeline: str
-    alg: str
-    alg_temp: float | None
-    alg_p_threshold: float | None
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    use_original_confidence: bool
-    eps: float
-    steps: int
-    mask_token_id: int
-    random_slots: bool  # the step reads its uniform draws
-    slot_count: str  # how the schedule counts this algorithm's slots: "schedule", "ratio" or "one" (see `Algorithm`)
-
-    @classmethod
-    def from_config(cls, config: "DimpleGenerationConfig") -> "StepRules":
-        values = {name: getattr(config, name) for name in cls.__dataclass_fields__ if name != "slot_count"}
-        values["slot_count"] = ALGORITHMS[config.alg].slot_counts[config.decoding_pipeline]
-        values["temperature"] = values["temperature"] or 0.0
-        # Dream's sampler always scores slots on the filtered distribution.
-        values["use_original_confidence"] = config.use_original_confidence and config.decoding_pipeline == "dim"
-        return cls(**values)
-
-
-@dataclass
-class StepState:
-    """What a schedule or ranking may read about the current step; every field is a tensor."""
-
-    masked: torch.Tensor  # [B, N] slots still holding the mask
-    confidence: torch.Tensor  # [B, N] score of each slot's candidate token
-    draws: torch.Tensor  # [B, N] uniform draws in [0, 1), one per slot (zeros when the rules use no randomness)
-    total_masks: torch.Tensor  # [B] masks each row started with
-    step: torch.Tensor  # 0-d index of this step
-    timesteps: torch.Tensor  # [steps + 1] linspace(1, eps, steps + 1)
-
-    @property
-    def remaining(self) -> torch.Tensor:
-        return self.masked.sum(1)
-
-
-@dataclass(frozen=True)
-class StepInputs:
-    """What one denoising step reads besides the canvas and its logits."""
-
-    step: torch.Tensor  # 0-d index of this step
-    total_masks: torch.LongTensor  # [B] masks each row started with
-    timesteps: torch.Tensor  # [steps + 1] linspace(1, eps, steps + 1)
-    draws: torch.Tensor  # [B, N] uniform numbers for the random rankings and schedules
-    rules: StepRules
-    noise: torch.Tensor | None = None  # [B, N, V] Exp(1) numbers for sampling tokens (temperature > 0)
-
-
-def denoising_step(
-    answer: torch.LongTensor, logits: torch.Tensor, inputs: StepInputs
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """One denoising step for the whole batch.
-
-    The answer canvas `[B, N]` and its logits `[B, N, V]` give the new canvas and the number of slots each row
-    committed; a row without a mask is left as it is.
-    """
-    rules = inputs.rules
-    algorithm = ALGORITHMS[rules.alg]
-    masked = answer == rules.mask_token_id
-    sampling = (rules.temperature, rules.top_p, rules.top_k, algorithm.confidence, rules.use_original_confidence)
-    confidence, tokens = sample_tokens(logits, *sampling, inputs.noise)
-    state = StepState(masked, confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
-    count, by_confidence = SCHEDULES[rules.decoding_pipeline](state, rules)
-    score = torch.where(by_confidence[:, None], confidence, algorithm.ranking(state, rules))
-    chosen = masked & (rank_of_each_slot(score, masked) < count[:, None])
-    return torch.where(chosen, tokens, answer), chosen.sum(1)
-
-
-def schedule_can_commit(answer: torch.LongTensor, inputs: StepInputs) -> bool:
-    """Whether some row may commit a slot this step, decided before the forward pass.
-
-    Only the threshold of confident decoding reads the logits; every other count (dream's schedule, a ratio's draws,
-    the fallback) is known in advance, so a step whose count is 0 for every row commits nothing and is not run.
-    """
-    rules = inputs.rules
-    if rules.decoding_pipeline == "dim" and (rules.alg_p_threshold is not None or rules.slot_count != "ratio"):
-        return True  # the threshold may fire, or the fallback commits at least one slot
-    masked = answer == rules.mask_token_id
-    no_confidence = torch.full(masked.shape, -float("inf"), device=answer.device)
-    state = StepState(masked, no_confidence, inputs.draws, inputs.total_masks, inputs.step, inputs.timesteps)
-    count, _ = SCHEDULES[rules.decoding_pipeline](state, rules)
-    return bool((count > 0).any())
-
-
-def rank_of_each_slot(score: torch.Tensor, masked: torch.Tensor) -> torch.LongTensor:
-    """0 for the best masked slot of a row, 1 for the next...; ties go to the leftmost slot, unmasked slots last."""
-    floor = torch.finfo(score.dtype).min
-    keyed = torch.where(masked, score.clamp_min(floor), torch.full_like(score, -float("inf")))
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
-
-
-# Schedules: how many slots each row commits, and whether the choice follows the confidence instead of the ranking.
-# A step that ends a row's schedule (the last allowed step) commits everything left; `autoregressive` commits one
-# slot per step; a ratio (`origin-ratio`, Dream's `origin`) commits each slot whose draw is below the ratio, and its
-# random ranking (lowest draw first) then picks exactly those slots.
-
-
-def dim_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Confident decoding: every masked slot above the threshold; otherwise the re-anchored fallback count."""
-    remaining = state.remaining
-    count, s, ratio = reanchored_fallback(remaining, state.total_masks, state.step, state.timesteps)
-    if rules.slot_count == "ratio":
-        share = torch.where(s > rules.eps, 1 - s / ratio, torch.ones_like(s))
-        count = (state.masked & (state.draws < share[:, None])).sum(1)
-    elif rules.slot_count == "one":
-        count = torch.ones_like(remaining)
-    last_step = state.step == rules.steps - 1
-    count = torch.where(last_step, remaining, count)
-    if rules.alg_p_threshold is None:
-        return count, torch.zeros_like(remaining, dtype=torch.bool)
-    passed = state.masked & ((state.confidence > rules.alg_p_threshold) | last_step)
-    fired = passed.any(1)
-    return torch.where(fired, passed.sum(1), count), fired
-
-
-def reanchored_fallback(remaining, total_masks, step, timesteps):
-    """Dim fallback per row: how many slots to commit, re-anchoring the time grid to the share of masks left.
-
-    r = masks left / masks at the start. Starting at the first grid point below r (and after the current step), take
-    the first point s for which k = int(c * (1 - s / r)) >= 1; at the grid's end (s = eps) k is every mask left.
-    Returns (k, s, r), each `[B]`. When no grid point is below r (only possible with > 1/eps masks), the schedule is
-    over and every mask left is committed (upstream raised a ValueError here).
-    """
-    ratio = remaining.float() / total_masks.float()
-    grid = timesteps[None, :]
-    end = timesteps.shape[0] - 1
-    below = grid < ratio[:, None]
-    first_below = torch.where(below.any(1), below.int().argmax(1), end)
-    start = torch.maximum(first_below, step + 1)
-    counts = (remaining[:, None].float() * (1 - grid / ratio[:, None])).long()  # int(): truncation
-    index = torch.arange(end + 1, device=timesteps.device)
-    usable = (index >= start[:, None]) & (index < end) & (counts >= 1)
-    found = usable.any(1)
-    first = usable.int().argmax(1)
-    count = torch.where(found, counts.gather(1, first[:, None]).squeeze(1), remaining)
-    s = torch.where(found, timesteps[first], timesteps[end])
-    return count, s, ratio
-
-
-def dream_schedule(state: StepState, rules: StepRules) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Dream v0: k = int(c * (1 - s / t)) between t = timesteps[step] and s = timesteps[step + 1]."""
-    remaining = state.remaining
-    here = state.step[None]  # a 1-element index: a 0-d one would read the step on the host
-    t, s = state.timesteps[here], state.timesteps[here + 1]
-    count = (remaining.float() * (1 - s / t)).long()
-    if rules.slot_count == "ratio":
-        count = (state.masked & (state.draws < 1 - s / t)).sum(1)
-    elif rules.slot_count == "one":
-        count = torch.ones_like(remaining)
-    count = torch.where(state.step == rules.steps - 1, remaining, count)
-    return count, torch.zeros_like(remaining, dtype=torch.bool)
-
-
-SCHEDULES = {"dim": dim_schedule, "dream": dream_schedule}
-
-
-# Rankings: a score per slot, higher first.
-
-
-def random_order(state: StepState, rules: StepRules) -> torch.Tensor:
-    """Lowest draw first: a uniformly random order of the masked slots."""
-    return -state.draws
-
-
-def leftmost_first(state: StepState, rules: StepRules) -> torch.Tensor:
-    return -torch.arange(state.masked.shape[1], device=state.masked.device).float().expand(state.masked.shape)
-
-
-def most_confident(state: StepState, rules: StepRules) -> torch.Tensor:
-    """Highest confidence first; with `alg_temp` > 0, an order drawn from softmax(confidence / alg_temp) (the
-    Gumbel top-k trick: the same law as drawing slots one after another without replacement)."""
-    if rules.alg_temp is None or rules.alg_temp <= 0:
-        return state.confidence
-    gumbel = -torch.log(-torch.log(state.draws.clamp_min(torch.finfo(state.draws.dtype).tiny)))
-    return state.confidence.float() / rules.alg_temp + gumbel
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """Everything an `alg` means, in one place.
-
-    Args:
-        confidence: what `sample_tokens` scores each slot's token by (`probability`, `margin` or `entropy`); the
-            threshold of confident decoding compares it.
-        ranking: which masked slots go first (a score per slot, higher first).
-        slot_counts: for each pipeline the algorithm exists in, how that pipeline's schedule counts the slots of a
-            step: `schedule` (its own count), `ratio` (each slot with the schedule's probability, drawn) or `one`.
-        random: whether the slots are chosen with the RNG.
-        by_confidence: whether the ranking follows the confidence (so `alg_temp` > 0 samples the order).
-    """
-
-    confidence: str
-    ranking: Callable[[StepState, StepRules], torch.Tensor]
-    slot_counts: Mapping[str, str]
-    random: bool = False
-    by_confidence: bool = False
-
-
-BOTH_SCHEDULES = {"dim": "schedule", "dream": "schedule"}
-ALGORITHMS = {
-    "origin": Algorithm("probability", random_order, {"dim": "schedule", "dream": "ratio"}, random=True),
-    "origin-ratio": Algorithm("probability", random_order, {"dim": "ratio"}, random=True),
-    "autoregressive": Algorithm("probability", leftmost_first, {"dim": "one", "dream": "one"}),
-    "maskgit_plus": Algorithm("probability", most_confident, BOTH_SCHEDULES, by_confidence=True),
-    "topk_margin": Algorithm("margin", most_confident, BOTH_SCHEDULES, by_confidence=True),
-    "entropy": Algorithm("entropy", most_confident, BOTH_SCHEDULES, by_confidence=True),
-}
-
-
 # ------------------------------------------------------------------------------------------------ input set-up
 
 
@@ -902,7 +650,7 @@ def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: Ste
     All cached steps of a call have the same shapes (N + 1 queries, P - 1 cached keys), so this function compiles
     once per call shape (`compile_step=True`).
     """
-    logits = model._score_answer(batch, answer, batch.prompt_length - 1, prefix)
+    logits = model.score_answer_slots(batch, answer, batch.prompt_length - 1, prefix)
     answer, committed = denoising_step(answer, logits, inputs)
     return answer, committed, logits
 
@@ -913,13 +661,6 @@ def compiled_denoising_pass(device_type: str):
     CUDA-graph capture and replay replaces the hand-written capture of earlier versions (same graph, kept by torch)."""
     mode = "reduce-overhead" if device_type == "cuda" else None
     return torch.compile(cached_denoising_pass, fullgraph=True, mode=mode)
-
-
-def step_randomness(answer: torch.LongTensor, rules: StepRules, vocab_size: int):
-    """This step's random numbers, drawn outside the step: uniform draws per slot and Exp(1) noise per token."""
-    draws = torch.rand(answer.shape, device=answer.device) if rules.random_slots else torch.zeros_like(answer).float()
-    sampling = rules.temperature > 0
-    return draws, torch.empty(*answer.shape, vocab_size, device=answer.device).exponential_() if sampling else None
 
 
 class CommitScores:
@@ -1018,7 +759,53 @@ class AnswerStops:
 
 
 class DimpleGenerationMixin(GenerationMixin):
-    """`diffusion_generate` for Dimple (the autoregressive `generate` plumbing lives in `modeling_dimple.py`)."""
+    """`generate` (the decoding the generation config selects), `diffusion_generate` and its loop, for Dimple; the
+    model side of the autoregressive loop (M-RoPE positions, per-prompt images) is in `modeling_dimple.py`."""
+
+    def generate(self, inputs=None, generation_config=None, decoding: str | None = None, **kwargs):
+        """Answer with the decoding the generation config selects, as transformers' own diffusion LMs do.
+
+        `decoding="diffusion"` (the checkpoints this package writes) runs [`~DimpleGenerationMixin.diffusion_generate`]
+        with the same arguments, outputs and streamer protocol; `"autoregressive"` (the default of a plain config)
+        runs the stock left-to-right `GenerationMixin.generate` (greedy, sampling, `max_new_tokens`, `eos_token_id`,
+        streamers, `num_return_sequences` with images). The keyword `decoding` overrides the config for one call;
+        otherwise the `generation_config` argument's setting, then `model.generation_config`'s, decides.
+
+        With the default bidirectional attention (`config.full_attn_mask=True`), autoregressive `use_cache=False`
+        re-runs the whole sequence each step (every token sees every other), while `use_cache=True` reuses
+        keys/values computed before later tokens existed, so the two can differ after the first new token. With
+        causal attention they agree.
+        """
+        decoding = self.selected_decoding(generation_config, decoding)
+        if decoding == "diffusion":
+            return self.diffusion_generate(inputs, generation_config, **kwargs)
+        misplaced = sorted(set(kwargs) & set(DIFFUSION_ONLY_ARGUMENTS))
+        if misplaced:
+            raise TypeError(
+                f"{misplaced} are diffusion settings; this `generate` call decodes autoregressively (pass "
+                '`decoding="diffusion"` or call `diffusion_generate`).'
+            )
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def adjust_generation_fn(self, generation_config, *args, **kwargs):
+        """`from_pretrained`'s generation config, as a `DimpleGenerationConfig`: transformers 5.23-5.25 load
+        `generation_config.json` as a plain `GenerationConfig` (DiffusionGemma overrides this hook for the same
+        reason); the diffusion settings in it are carried over and validated."""
+        super().adjust_generation_fn(generation_config, *args, **kwargs)
+        if not isinstance(self.generation_config, self.generation_config_class):
+            self.generation_config = self.generation_config_class.from_dict(self.generation_config.to_dict())
+
+    def selected_decoding(self, generation_config=None, decoding: str | None = None) -> str:
+        """`decoding` if given, else the `generation_config` argument's, else `model.generation_config`'s setting."""
+        for source in (generation_config, self.generation_config):
+            if decoding is None and source is not None:
+                decoding = getattr(source, "decoding", None)
+        decoding = decoding or "autoregressive"
+        if decoding not in DECODINGS:
+            raise ValueError(f"`decoding` must be one of {DECODINGS}, got {decoding!r}.")
+        return decoding
 
     @torch.no_grad()
     def diffusion_generate(
@@ -1075,20 +862,8 @@ class DimpleGenerationMixin(GenerationMixin):
             the scores and logits of each answer slot at the step it was committed). Nothing is cut at EOS: strip
             trailing `<|endoftext|>`, `<|im_end|>` and leftover masks when decoding.
 
-        Intended deviations from the released implementation (identical results at batch size 1 otherwise):
-            - batching is per sample: each row has its own mask count, schedule, threshold decision, slot choice and
-              stop; upstream pooled these over the batch, so one confident row could stall the others;
-            - the dim fallback no longer raises when almost no mask is left (it commits what is left);
-            - `autoregressive` flushes the remaining masks at the last step, like every other algorithm;
-            - ties between confidences are broken by position (leftmost first) instead of `torch.topk`'s order;
-            - random choices use one uniform draw per slot (lowest first; Gumbel top-k with `alg_temp`) and tokens are
-              sampled as argmax(p / Exp(1) noise): upstream's laws, other random streams than its `randperm`,
-              `multinomial` and `Categorical`;
-            - the dream pipeline also stops once no mask is left (the sequences are the same, the history shorter);
-            - the hooks always see `[B, P + N]` tokens and `[B, N, V]` answer logits, with or without the cache;
-            - images are encoded once per call; logits are computed only at the N positions that score answer slots;
-            - `attention_mask` defaults to all ones, `num_return_sequences` works with images, right padding works,
-              masks in the prompt are an error, and `streamer` is supported.
+        Identical to the released implementation at batch size 1 with the same settings, except for the intended
+        deviations listed in docs/differences.md (per-row batching, leftmost tie-breaking, other random streams, ...).
         """
         # 1. Validate at the door: settings, stops, inputs; the canvas (prompt + N masks) and the prompt embeddings.
         if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
@@ -1168,14 +943,21 @@ class DimpleGenerationMixin(GenerationMixin):
         )
 
     def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, cached_pass, logits_hook):
-        """One step: the forward pass (whole sequence, or the answer against the cached prompt, decided here once)
-        and [`denoising_step`]. Returns (new answer, slots committed per row, answer logits, prefix cache)."""
-        whole = prefix is None or self._runs_whole_sequence(step, config) or logits_hook is not None
-        if not whole:
-            if config.compile_step and self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            return (*cached_pass(self, batch, prefix, batch.answer, inputs), prefix)
-        logits, prefix = self._answer_logits(batch, prefix, step, config)
+        """One step: the forward pass and [`denoising_step`]. Returns (new answer, slots committed per row, answer
+        logits, prefix cache).
+
+        The one place that decides which forward runs: the answer against the cached prompt (spec 5.8; the compiled
+        pass when no hook needs the logits in between), or the whole sequence (no cache yet, no cache at all, or a
+        refresh), which fills or refills the prompt cache.
+        """
+        if prefix is not None and not self._runs_whole_sequence(step, config):
+            if logits_hook is None:
+                if config.compile_step and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+                return (*cached_pass(self, batch, prefix, batch.answer, inputs), prefix)
+            logits = self.score_answer_slots(batch, batch.answer, batch.prompt_length - 1, prefix)
+        else:
+            logits, prefix = self._whole_sequence_logits(batch, prefix, config)
         if logits_hook is not None:
             logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
         return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
@@ -1253,7 +1035,7 @@ class DimpleGenerationMixin(GenerationMixin):
     def _prompt_embeddings(self, prompt, visual) -> torch.Tensor:
         """Token embeddings with the image/video features in their placeholder slots (images encoded once a call)."""
         self.check_vision_pairs(visual)
-        return self._embed_inputs(prompt, **visual)[0]
+        return self.embed_prompt(prompt, **visual)
 
     @staticmethod
     def _repeat_rows(batch: DiffusionBatch, times: int) -> DiffusionBatch:
@@ -1283,13 +1065,11 @@ class DimpleGenerationMixin(GenerationMixin):
         refresh = config.cache_refresh_interval
         return not config.use_cache or step == 0 or (refresh > 0 and step % refresh == 0)
 
-    def _answer_logits(self, batch: DiffusionBatch, prefix: PrefixCache | None, step: int, config):
-        """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1), and the
-        prompt prefix cache for the cached steps (kept from step 0, refilled at each refresh)."""
-        if prefix is not None and not self._runs_whole_sequence(step, config):
-            return self._score_answer(batch, batch.answer, batch.prompt_length - 1, prefix), prefix
+    def _whole_sequence_logits(self, batch: DiffusionBatch, prefix: PrefixCache | None, config):
+        """The answer logits from the whole sequence, and the prompt cache it leaves (made at the first such pass,
+        refilled in place at a refresh; None without `use_cache`)."""
         cache = DynamicCache(config=self.config) if config.use_cache else None
-        logits = self._score_answer(batch, batch.answer, start=0, cache=cache)
+        logits = self.score_answer_slots(batch, batch.answer, start=0, cache=cache)
         if cache is None:
             return logits, None
         if prefix is None:
@@ -1297,8 +1077,9 @@ class DimpleGenerationMixin(GenerationMixin):
         prefix.refill(cache)
         return logits, prefix
 
-    def _score_answer(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
-        """Run tokens `start:` (prompt part from the precomputed embeddings) and score the N answer slots only."""
+    def score_answer_slots(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
+        """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1): run tokens
+        `start:` (the prompt part from the precomputed embeddings) against `cache`."""
         prompt_length, total = batch.prompt_length, batch.x.shape[1]
         embeds = torch.cat([batch.prompt_embeds[:, start:], self.get_input_embeddings()(answer)], dim=1)
         device = embeds.device

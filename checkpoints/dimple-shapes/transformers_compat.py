@@ -5,7 +5,11 @@ Remote code runs on whatever transformers a user has installed, so the package c
 detection rather than by version number:
 
 - 5.24 renamed the cache from `past_key_values` to `cache`, in model outputs and in forward signatures
-  (`CACHE_NAME`, `cache_kwarg`, `output_cache`); `DimpleForConditionalGeneration.forward` accepts both names.
+  (`CACHE_NAME`, `cache_kwarg`, `output_cache`); `DimpleForConditionalGeneration.forward` accepts both names and,
+  where `cache` is the release's name, warns about the old one as native models do (`warn_old_cache_name`).
+- 5.24 added `MultimodalCausalLMOutputWithPast` (`image_outputs` / `video_outputs`, which transformers' common tests
+  expect of a vision-language model): Dimple's output derives from it where it exists (`CausalLMOutputBase`,
+  `MULTIMODAL_OUTPUTS`).
 - 5.25 loads the processor through `_resolve_subprocessors` + `from_dict` instead of `_get_arguments_from_pretrained`
   (`DimpleProcessor` overrides the public `from_pretrained` instead), depends on `kernels` and loads Hub kernels by
   default in `from_pretrained`: without the `kernels` package it needs `USE_HUB_KERNELS=NO`
@@ -20,6 +24,7 @@ break (README, "transformers versions").
 import warnings
 from importlib.metadata import version as installed_version
 
+import torch
 from packaging.version import Version
 
 OLDEST_SUPPORTED = "5.23.0"
@@ -83,7 +88,7 @@ OVERRIDDEN_HOOKS = {
     "modeling_dimple.DimpleForConditionalGeneration.get_output_embeddings": "PreTrainedModel (tying, resizing)",
     "modeling_dimple.DimpleForConditionalGeneration.set_input_embeddings": "PreTrainedModel.resize_token_embeddings",
     "modeling_dimple.DimpleForConditionalGeneration.set_output_embeddings": "PreTrainedModel.resize_token_embeddings",
-    "modeling_dimple.DimpleForConditionalGeneration.adjust_generation_fn":
+    "generation_utils.DimpleGenerationMixin.adjust_generation_fn":
         "PreTrainedModel.from_pretrained: generation_config.json loaded as a DimpleGenerationConfig",
     "generation_utils.DimpleGenerationConfig.from_model_config":
         "PreTrainedModel.__init__ (generation_config_class): the model's generation config from config.json",
@@ -106,7 +111,7 @@ OVERRIDDEN_HOOKS = {
 }  # fmt: skip
 # Overrides that only users and Dimple's own code call: public API, not a hook a release can stop calling.
 OWN_ENTRY_POINTS = (
-    "modeling_dimple.DimpleForConditionalGeneration.generate",
+    "generation_utils.DimpleGenerationMixin.generate",
     "processing_dimple.DimpleProcessor.from_pretrained",  # public; replaces the private loading hooks 5.25 dropped
     "processing_dimple.DimpleProcessor.apply_chat_template",
     "generation_utils.DiffusionTextStreamer.put",  # called by diffusion_generate
@@ -121,6 +126,9 @@ RELIED_ON = {
         "test_generate_with_causal_attention_cache_matches_full_forwards",
     "GenerationMixin._update_model_kwargs_for_generation":
         "extends the `[3, B, S]` M-RoPE `position_ids` by one per new token; the same test",
+    "GenerationMixin.prepare_inputs_for_generation: `self.create_masks_for_generate` when the model defines it":
+        "with a static cache, Dimple's mask instead of the stock causal mapping (forward refuses a mask mapping); "
+        "test_conformance.py::test_autoregressive_decoding_with_a_static_cache_gives_the_dynamic_cache_answers",
     "GenerationMixin._expand_inputs_for_generation (called through super)":
         "repeats the text inputs; test_compat.py::test_transformers_still_calls_every_hook_the_package_overrides",
     "ProcessorMixin.get_processor_dict": "reads processor_config.json and the chat template; the loading tests",
@@ -141,6 +149,28 @@ def standard_generation_defaults() -> dict:
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def warn_old_cache_name(owner: str) -> None:
+    """Where the release calls the cache `cache`, `past_key_values=` warns as native models' `forward` does
+    (transformers' `deprecate_kwarg` words, which its common tests look for); on <= 5.23 it is the current name."""
+    if CACHE_NAME == "cache" and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"`past_key_values` is deprecated for `{owner}` (transformers 5.24 renamed it). Use `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------- multimodal outputs
+# >= 5.24: causal-LM outputs of vision-language models carry their encoders' outputs (`image_outputs`, ...).
+try:
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as CausalLMOutputBase  # noqa: E402
+
+    MULTIMODAL_OUTPUTS = True
+except ImportError:  # <= 5.23
+    CausalLMOutputBase = CausalLMOutputWithPast
+    MULTIMODAL_OUTPUTS = False
+
+
 def cache_kwarg(cache) -> dict:
     """The cache as the keyword argument this transformers' decoders and output classes take."""
     return {CACHE_NAME: cache}
@@ -157,8 +187,10 @@ __all__ = [
     "BaseStreamer",
     "BatchFeature",
     "CACHE_NAME",
+    "CausalLMOutputBase",
     "CausalLMOutputWithPast",
     "ImageType",
+    "MULTIMODAL_OUTPUTS",
     "ModelOutput",
     "OVERRIDDEN_HOOKS",
     "OWN_ENTRY_POINTS",
@@ -174,4 +206,5 @@ __all__ = [
     "make_batched_videos",
     "output_cache",
     "standard_generation_defaults",
+    "warn_old_cache_name",
 ]
