@@ -448,7 +448,7 @@ def chip_layout(widths: list[int], width: int, top: int) -> tuple[list, int]:
 def draw_chip(draw, box, text, category, font):
     x, y, w = box
     draw.rounded_rectangle((x, y, x + w, y + GIF_FONT_SIZE + 10), radius=4, fill=COLOR_MAP[category])
-    draw.text((x + 4, y + 4), text, fill="black", font=font)
+    draw.text((x + (w - font.getlength(text)) / 2, y + 4), text, fill="black", font=font)  # centred in its slot
 
 
 def steps_gif(frames: list[list], path, question: str = "") -> Path:
