@@ -196,8 +196,10 @@ def read_upload(value) -> Upload:
     name = upload_name(value)
     if isinstance(value, Unread) and isinstance(value.error, Image.DecompressionBombError):
         raise ValueError(too_large(name))
-    if isinstance(value, Unread):
+    if isinstance(value, Unread) and isinstance(value.error, UnidentifiedImageError):
         raise ValueError(not_an_image(name))
+    if isinstance(value, Unread):
+        raise ValueError(f"{name} could not be read ({type(value.error).__name__}: {value.error}); upload it again.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the size
