@@ -6,24 +6,48 @@ released model was trained with, so this module needs neither torchvision nor a 
 * the released `preprocessor_config.json` stores the pixel budget as `size={"min_pixels", "max_pixels"}` (the
   transformers 4.46 layout); it is translated to the 5.x `{"shortest_edge", "longest_edge"}` layout and
   `min_pixels` / `max_pixels` are saved as top-level keys again;
+* one image reader, `read_image`, shared by inference (paths, URLs and base64 strings given to the processor, the
+  pipeline or `apply_chat_template`) and fine-tuning: 16- and 32-bit integer and float pictures are brought to the
+  8-bit scale the model was trained on (`to_eight_bit`) instead of being clipped to white by PIL's RGB conversion,
+  and float pixels in [0, 1] (torchvision's `ToTensor`) are recognised instead of being rescaled a second time;
 * clear errors for inputs the vision tower cannot take (empty images, sides below 28 px, aspect ratio above 200,
-  anything that is not 3-channel after the RGB conversion);
+  pixels on no known scale, anything that is not 3-channel after the RGB conversion);
 * videos (lists of frames or [T, H, W, C] / [T, C, H, W] arrays) go through the same pipeline with real temporal
   patches, and images and videos passed together both come back (upstream dropped the images).
 """
 
+import base64
+import binascii
+import io
+import os
+from pathlib import Path
+
 import numpy as np
+from PIL import Image, ImageOps
 
 from transformers import BatchFeature, Qwen2VLImageProcessorPil
 
 try:
-    from .transformers_compat import ImageType, get_image_type, make_batched_videos
+    from .transformers_compat import ImageType, convert_to_rgb, get_image_type, make_batched_videos
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
-    from transformers_compat import ImageType, get_image_type, make_batched_videos
+    from transformers_compat import ImageType, convert_to_rgb, get_image_type, make_batched_videos
 
 MAX_ASPECT_RATIO = 200
+# Pixel scales. Integer pictures are read on the scale their bit depth implies, never stretched to the data's own
+# range: the 8-bit version of a 16-bit picture (value / 257) is then exactly what the model sees, and a dark scan
+# stays dark instead of gaining contrast that differs from image to image. 16-bit modes (`I;16`, `I;16B`, ...) and
+# uint16 arrays are always on the 16-bit scale. PIL's 32-bit `I` mode and other wide integer arrays imply no scale
+# of their own: values within 0..255 keep the 8-bit scale (as PIL's own conversion reads them, and as torch's int64
+# tensors hold them), values up to 65535 the 16-bit scale (several formats open 16-bit files as `I`); beyond that the
+# picture is refused with how to scale it. Floats (`F` mode, float arrays and tensors) have no bit depth: all values
+# in [0, 1] means the unit scale (torchvision's `ToTensor`), otherwise [0, 255] the 8-bit scale
+# (`np.asarray(image, float)`). Anything else, such as a mean/std-normalised tensor, is refused.
+EIGHT_BIT_MAX = 255
+SIXTEEN_BIT_MAX = 65535
+WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+URL_PREFIXES = ("http://", "https://")
 
 
 class DimpleImageProcessor(Qwen2VLImageProcessorPil):
@@ -101,9 +125,26 @@ class DimpleImageProcessor(Qwen2VLImageProcessorPil):
                         f"`videos[{index}]` holds no frames; every video needs at least one frame (drop the empty one)."
                     )
 
+    def fetch_images(self, image_url_or_urls):
+        """Paths, URLs and base64 strings opened by `read_image` (the reader fine-tuning uses too); images pass."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if not isinstance(image_url_or_urls, (str, os.PathLike)):
+            return super().fetch_images(image_url_or_urls)
+        try:
+            return read_image(image_url_or_urls)
+        except FileNotFoundError as error:
+            raise ValueError(
+                f"No image file {error.filename!r} (relative paths start at the current directory, {os.getcwd()}); "
+                "pass an existing path, an http(s) URL, a base64 string or the image itself."
+            ) from None
+
     def process_image(self, image, *args, patch_size=None, merge_size=None, **kwargs) -> np.ndarray:
         _check_not_empty(image)
         _check_channel_layout(image)
+        # With do_rescale=False the caller declares the pixels already scaled: they are left as given.
+        if kwargs.get("do_rescale", self.do_rescale):
+            image = to_eight_bit(image)
         array = super().process_image(image, *args, **kwargs)
         _check_geometry(array, min_side=(patch_size or self.patch_size) * (merge_size or self.merge_size))
         return array
@@ -158,6 +199,91 @@ class DimpleImageProcessor(Qwen2VLImageProcessorPil):
         output["min_pixels"] = self.size.shortest_edge
         output["max_pixels"] = self.size.longest_edge
         return output
+
+
+def read_image(source, image_folder=None) -> Image.Image:
+    """The picture `source` holds, as an 8-bit RGB PIL image: the one reader of inference and fine-tuning.
+
+    `source` is a PIL image, raw bytes, a `{"bytes", "path"}` dict (the `datasets` image layout), an http(s) URL, a
+    base64 string (optionally a `data:image/...` URL) or a path (relative paths start at `image_folder`). Files get
+    their EXIF orientation applied; wide integer and float pixels are brought to 8 bits (`to_eight_bit`);
+    transparency is composited onto white, as the processor does. Raises `FileNotFoundError` for a missing file and
+    `ValueError` for pixels on no known scale.
+    """
+    image = to_eight_bit(_open_image(source, image_folder))
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+def to_eight_bit(image):
+    """`image` (PIL, numpy or torch) with its pixels on the 8-bit scale (see `EIGHT_BIT_MAX` for the rules).
+
+    8-bit pictures come back unchanged; a wide PIL mode (`I;16*`, `I`, `F`) becomes an `L` image, a wide or float
+    array a uint8 array of the same layout, a torch tensor a numpy array.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode not in WIDE_INTEGER_MODES + ("F",):
+            return image
+        return Image.fromarray(_eight_bit_array(np.asarray(image), f"a PIL image of mode {image.mode!r}"))
+    if get_image_type(image) == ImageType.TORCH:
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+    if image.dtype == np.uint8 or image.dtype == np.bool_:
+        return image
+    return _eight_bit_array(image, f"an image array of dtype {image.dtype}")
+
+
+def _eight_bit_array(array: np.ndarray, what: str) -> np.ndarray:
+    if array.size == 0:
+        return array.astype(np.uint8)
+    floating = np.issubdtype(array.dtype, np.floating)
+    if floating and not np.isfinite(array).all():
+        raise ValueError(f"Got {what} with NaN or infinite pixels; replace them before passing the image.")
+    low, high = array.min(), array.max()
+    if floating:
+        scale = 1.0 if low >= 0 and high <= 1 else EIGHT_BIT_MAX
+    else:
+        sixteen_bit = array.dtype.kind == "u" and array.dtype.itemsize == 2
+        scale = SIXTEEN_BIT_MAX if sixteen_bit or high > EIGHT_BIT_MAX else EIGHT_BIT_MAX
+    if low < 0 or high > scale:
+        raise ValueError(
+            f"Got {what} with pixels in [{low}, {high}], which is on no known scale (floats: [0, 1] or [0, 255]; "
+            "integers: 0..255 or 0..65535). A mean/std-normalised tensor cannot be read back: pass the image before "
+            "normalising, or scale it to [0, 1] yourself, e.g. (x - x.min()) / (x.max() - x.min())."
+        )
+    return np.round(array.astype(np.float64) * (EIGHT_BIT_MAX / scale)).astype(np.uint8)
+
+
+def _open_image(source, image_folder=None) -> Image.Image:
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(source)))
+    if isinstance(source, str) and source.startswith(URL_PREFIXES):
+        import httpx
+
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(httpx.get(source, follow_redirects=True).content)))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if image_folder is not None and not path.is_absolute():
+            path = Path(image_folder) / path
+        encoded = _base64_bytes(source) if isinstance(source, str) and not path.is_file() else None
+        image = Image.open(io.BytesIO(encoded) if encoded else path)
+        return ImageOps.exif_transpose(image)
+    raise TypeError(
+        f"Unsupported image source of type {type(source).__name__}; pass a path, URL, base64 string, bytes or image."
+    )
+
+
+def _base64_bytes(text: str) -> bytes | None:
+    """The bytes a base64 string (or `data:image/...;base64,` URL) encodes; None when it is not one."""
+    if text.startswith("data:image/"):
+        text = text.split(",", 1)[-1]
+    try:
+        return base64.b64decode(text, validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _translate_released_size(kwargs: dict) -> dict:
@@ -249,4 +375,4 @@ def _patchify_video(video: np.ndarray, patch_size: int, merge_size: int, tempora
 
 DimpleImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["DimpleImageProcessor"]
+__all__ = ["DimpleImageProcessor", "read_image", "to_eight_bit"]

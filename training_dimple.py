@@ -53,7 +53,6 @@ this matters with the 0.01 clipping threshold of the diffusion stage. A window w
 """
 
 import copy
-import io
 import json
 import math
 import os
@@ -68,13 +67,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, logging
 logger = logging.get_logger(__name__)
 
 try:
-    from .image_processing_dimple import MAX_ASPECT_RATIO
+    from .image_processing_dimple import MAX_ASPECT_RATIO, read_image
     from .model_card import write_model_card
     from .processing_dimple import DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, VISION_TOKENS
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
-    from image_processing_dimple import MAX_ASPECT_RATIO
+    from image_processing_dimple import MAX_ASPECT_RATIO, read_image
     from model_card import write_model_card
     from processing_dimple import DEFAULT_SYSTEM_PROMPT, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, VISION_TOKENS
 
@@ -442,25 +441,6 @@ class ChatDataset(Dataset):
 
     def __getitem__(self, index):
         return {**self.samples[index], "sample_index": index}
-
-
-def read_image(source, image_folder=None) -> Image.Image:
-    """Open an image given as a PIL image, raw bytes, a path (relative paths start at `image_folder`) or a
-    `{"bytes", "path"}` dict (the Hugging Face `datasets` image layout); returns it in RGB."""
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(source))
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if image_folder is not None and not path.is_absolute():
-            path = Path(image_folder) / path
-        image = Image.open(path)
-    else:
-        raise TypeError(f"unsupported image source of type {type(source).__name__}")
-    return image.convert("RGB")
 
 
 def pre_resize(image: Image.Image, min_pixels: int, max_pixels: int, min_side: int = 28) -> Image.Image:

@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_config
+from conftest import REPO_ROOT, make_tiny_config
 from fixtures_tokenizer import (
     CLIP_MEAN,
     CLIP_STD,
@@ -25,10 +25,12 @@ from fixtures_tokenizer import (
     write_released_style_folder,
 )
 from PIL import Image
+from transformers import pipeline
 
-from image_processing_dimple import DimpleImageProcessor
+from image_processing_dimple import DimpleImageProcessor, read_image
 from modeling_dimple import DimpleForConditionalGeneration
 from processing_dimple import DimpleProcessor, build_dimple_tokenizer
+from shapes.task import heldout_examples, messages, render
 
 DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 SPEC_PROMPT = (
@@ -37,6 +39,7 @@ SPEC_PROMPT = (
 )
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
+SHIPPED = REPO_ROOT / "checkpoints" / "dimple-shapes"
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -140,6 +143,144 @@ def test_grayscale_and_rgba_are_converted_to_rgb():
     np.testing.assert_array_equal(processor(rgb.convert("RGBA"))["pixel_values"], processor(rgb)["pixel_values"])
     gray = rgb.convert("L")
     np.testing.assert_array_equal(processor(gray)["pixel_values"], processor(gray.convert("RGB"))["pixel_values"])
+
+
+# ------------------------------------------------------------------------------------------- image modes
+def sixteen_bit(gray: Image.Image, mode: str = "I;16") -> Image.Image:
+    """The 16-bit picture whose 8-bit version is `gray` (v * 257 spans 0..65535 as v spans 0..255)."""
+    values = np.asarray(gray).astype(np.uint16) * 257
+    dtype = ">u2" if mode == "I;16B" else "<u2"
+    return Image.frombytes(mode, gray.size, values.astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I", "F"])
+def test_wide_pil_modes_process_as_their_eight_bit_version(mode):
+    gray = random_image(56, 84, seed=21).convert("L")
+    if mode == "I":  # how several formats open 16-bit files
+        wide = Image.fromarray(np.asarray(gray).astype(np.int32) * 257)
+    elif mode == "F":
+        wide = Image.fromarray(np.asarray(gray).astype(np.float32) / 255)
+    else:
+        wide = sixteen_bit(gray, mode)
+    assert wide.mode == mode
+    processor = DimpleImageProcessor()
+    np.testing.assert_array_equal(processor(wide)["pixel_values"], processor(gray)["pixel_values"])
+
+
+def test_sixteen_bit_png_file_processes_as_its_eight_bit_version(processor, tmp_path):
+    gray = random_image(61, 100, seed=22).convert("L")
+    sixteen_bit(gray).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    expected = processor.image_processor(gray)["pixel_values"]
+    # processor(...) with a path, and apply_chat_template with the path in an image part: the user's calls
+    by_path = processor.image_processor(str(tmp_path / "scan.png"))["pixel_values"]
+    chat = [{"role": "user", "content": [{"type": "image", "path": str(tmp_path / "scan.png")},
+                                         {"type": "text", "text": "What is it?"}]}]  # fmt: skip
+    by_chat = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    np.testing.assert_array_equal(by_path, expected)
+    np.testing.assert_array_equal(np.asarray(by_chat["pixel_values"]), expected)
+
+
+def test_sixteen_bit_keeps_its_scale_instead_of_stretching():
+    # A 12-bit scan (values up to 4095) in a 16-bit file stays as dark as it is: 4095 / 257 = 15.9 -> 16.
+    dark = Image.fromarray(np.full((56, 56), 4095, np.uint16))
+    assert np.asarray(read_image(dark)).max() == 16
+    assert np.asarray(read_image(sixteen_bit(Image.new("L", (56, 56), 200)))).max() == 200
+
+
+def test_float_arrays_and_tensors_in_unit_range_are_not_rescaled_twice():
+    rgb = random_image(56, 84, seed=23)
+    processor = DimpleImageProcessor()
+    expected = processor(rgb)["pixel_values"]
+    to_tensor = torch.tensor(np.asarray(rgb)).permute(2, 0, 1).float() / 255  # torchvision's ToTensor
+    np.testing.assert_allclose(processor(to_tensor)["pixel_values"], expected, atol=1e-6)
+    np.testing.assert_allclose(processor(np.asarray(rgb, np.float32) / 255)["pixel_values"], expected, atol=1e-6)
+    np.testing.assert_allclose(processor(np.asarray(rgb, np.float64))["pixel_values"], expected, atol=1e-6)
+    np.testing.assert_allclose(processor(to_tensor.half())["pixel_values"], expected, atol=1e-6)
+
+
+def test_already_rescaled_pixels_stay_as_given_with_do_rescale_false():
+    rgb = random_image(56, 56, seed=24)
+    unit = np.asarray(rgb, np.float32) / 255
+    processor = DimpleImageProcessor()
+    np.testing.assert_allclose(
+        processor(unit, do_rescale=False)["pixel_values"], processor(rgb)["pixel_values"], atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.rand(3, 56, 56) - 0.5, r"pixels in \[-0\.\d+, 0\.\d+\].*normalis"),
+        (np.full((56, 56, 3), 300.0), r"pixels in \[300\.0, 300\.0\].*no known scale"),
+        (np.full((56, 56, 3), 70000, np.int32), "0..65535"),
+        (Image.fromarray(np.full((56, 56), -1, np.int32)), "mode 'I'"),
+        (np.full((56, 56, 3), np.nan, np.float32), "NaN"),
+    ],
+    ids=["normalised-tensor", "float-above-255", "int-above-16-bit", "negative-I", "nan"],
+)
+def test_pixels_on_no_known_scale_are_refused_with_the_reason(image, message):
+    with pytest.raises(ValueError, match=message):
+        DimpleImageProcessor()(image)
+
+
+def test_palette_cmyk_and_transparent_modes_still_read():
+    rgb = random_image(56, 84, seed=25)
+    processor = DimpleImageProcessor()
+
+    def pixels(image):
+        return processor(image)["pixel_values"]
+
+    palette = rgb.convert("P")
+    np.testing.assert_array_equal(pixels(palette), pixels(palette.convert("RGB")))
+    cmyk = rgb.convert("CMYK")
+    np.testing.assert_array_equal(pixels(cmyk), pixels(cmyk.convert("RGB")))
+    half_transparent = rgb.convert("LA")
+    half_transparent.putalpha(128)
+    on_white = Image.alpha_composite(Image.new("RGBA", rgb.size, "white"), half_transparent.convert("RGBA"))
+    np.testing.assert_array_equal(pixels(half_transparent), pixels(on_white.convert("RGB")))
+    # read_image (the fine-tuning reader) gives the picture the processor sees
+    np.testing.assert_array_equal(pixels(read_image(half_transparent)), pixels(half_transparent))
+
+
+def test_missing_image_path_is_a_clear_error(processor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"No image file 'photo.jpg' \(relative paths start at the current"):
+        processor.image_processor("photo.jpg")
+
+
+@pytest.fixture(scope="module")
+def shipped_pipe():
+    return pipeline("image-text-to-text", model=str(SHIPPED), trust_remote_code=True, dtype=torch.float32)
+
+
+def shipped_answer(pipe, example, image) -> str:
+    question = [part for part in messages(example)[0]["content"] if part["type"] == "text"]
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, *question]}]
+    return pipe(text=chat, return_full_text=False)[0]["generated_text"]
+
+
+def test_shipped_checkpoint_answers_a_sixteen_bit_picture_as_its_eight_bit_version(shipped_pipe, tmp_path):
+    examples = heldout_examples(10)
+    grays = [render(example.scene).convert("L") for example in examples]
+    for number, gray in enumerate(grays):
+        sixteen_bit(gray).save(tmp_path / f"{number}.png")
+    expected = [shipped_answer(shipped_pipe, example, gray) for example, gray in zip(examples, grays)]
+    by_path = [shipped_answer(shipped_pipe, ex, str(tmp_path / f"{n}.png")) for n, ex in enumerate(examples)]
+    by_image = [shipped_answer(shipped_pipe, ex, Image.open(tmp_path / f"{n}.png")) for n, ex in enumerate(examples)]
+    assert by_path == by_image == expected
+    # The comparison can fail: the white square PIL's own conversion made of these pictures is answered otherwise.
+    clipped = [shipped_answer(shipped_pipe, ex, sixteen_bit(gray).convert("RGB")) for ex, gray in zip(examples, grays)]
+    assert clipped != expected
+
+
+def test_shipped_checkpoint_answers_a_to_tensor_picture_as_the_picture(shipped_pipe):
+    examples = heldout_examples(10)
+    pictures = [render(example.scene) for example in examples]
+    expected = [shipped_answer(shipped_pipe, example, picture) for example, picture in zip(examples, pictures)]
+    tensors = [torch.tensor(np.asarray(picture)).permute(2, 0, 1).float() / 255 for picture in pictures]
+    assert [shipped_answer(shipped_pipe, ex, tensor) for ex, tensor in zip(examples, tensors)] == expected
+    assert sum(answer == example.answer for answer, example in zip(expected, examples)) >= 5  # real answers
 
 
 def test_released_size_layout_is_read_and_pixels_are_saved(tmp_path):

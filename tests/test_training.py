@@ -183,6 +183,25 @@ def test_collator_reads_llava_layout_and_image_files(processor, tmp_path):
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
+def test_sixteen_bit_png_trains_as_its_eight_bit_version(processor, tmp_path):
+    # A gradient, so that a clipped (white) or stretched picture would differ from the 8-bit one.
+    gray = Image.fromarray((torch.arange(56 * 84).reshape(56, 84) % 251).to(torch.uint8).numpy())
+    gray.save(tmp_path / "eight.png")
+    values = (torch.tensor(list(gray.getdata()), dtype=torch.int32).reshape(56, 84) * 257).numpy().astype("<u2")
+    Image.frombytes("I;16", gray.size, values.tobytes()).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+
+    def sample(name):
+        return {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+                "images": [name]}  # fmt: skip
+
+    validate_samples([sample("sixteen.png")], tmp_path)
+    collator = DimpleDataCollator(processor, image_folder=tmp_path)
+    eight, sixteen = collator([sample("eight.png")]), collator([sample("sixteen.png")])
+    assert torch.equal(sixteen["pixel_values"], eight["pixel_values"])
+    assert sixteen["pixel_values"].std() > 0.5  # a picture, not a blank
+
+
 @pytest.mark.parametrize("words, bound", [(1, 2), (2, 4), (5, 8), (15, 16), (16, 32), (20, 32)])
 def test_dynamic_answer_padding_draws_the_whole_range(processor, words, bound):
     collator = DimpleDataCollator(processor)

@@ -62,6 +62,7 @@ from transformers import GenerationConfig  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 from transformers.image_processing_utils import BatchFeature  # noqa: E402
+from transformers.image_transforms import convert_to_rgb  # noqa: E402
 from transformers.image_utils import ImageType, get_image_type  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
 from transformers.models.auto.tokenization_auto import get_tokenizer_config  # noqa: E402
@@ -96,6 +97,8 @@ OVERRIDDEN_HOOKS = {
     "generation_utils.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
     "image_processing_dimple.DimpleImageProcessor._preprocess": "Qwen2VLImageProcessorPil.preprocess",
     "image_processing_dimple.DimpleImageProcessor.process_image": "the PIL backend's preprocess, per image",
+    "image_processing_dimple.DimpleImageProcessor.fetch_images":
+        "preprocess and ProcessorMixin.__call__: paths, URLs and base64 strings opened by `read_image`",
     "image_processing_dimple.DimpleImageProcessor.to_dict": "save_pretrained, ProcessorMixin.to_dict",
     "processing_dimple.DimpleProcessor.post_process_image_text_to_text":
         "ImageTextToTextPipeline.postprocess: the answer cleaned as post_process_answer cleans it",
@@ -271,6 +274,7 @@ __all__ = [
     "cache_kwarg",
     "cached_file",
     "check_transformers_version",
+    "convert_to_rgb",
     "get_image_type",
     "get_tokenizer_config",
     "install_serve_classes",
