@@ -60,11 +60,13 @@ def write_model_card(
     base_model: Optional[str] = None,
     training: Optional[Mapping[str, object]] = None,
     evaluation: Optional[Mapping[str, object]] = None,
+    name: Optional[str] = None,
 ) -> ModelCard:
     """Write `folder/README.md` for a folder of the given kind and return the card.
 
     `training` holds facts about how the weights were made (stage, data size, epochs, ...), `evaluation` the scores
     measured on them; each becomes a table. `base_model` is the Hub id (or path) the weights were trained from.
+    `name` (default: the folder's name) is the card's title and the id its snippet loads: the Hub id to push to.
     """
     if kind not in SUMMARY:
         raise ValueError(f"kind={kind!r} is not a Dimple model-card kind; use one of {sorted(SUMMARY)}.")
@@ -76,7 +78,7 @@ def write_model_card(
         tags=TAGS,
         base_model=base_model,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(folder.name, kind, training, evaluation)}")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(name or folder.name, kind, training, evaluation)}")
     card.save(folder / "README.md")
     return card
 

@@ -65,7 +65,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,7 +74,10 @@ from training_dimple import (  # noqa: E402
     MASK_STRATEGIES,
     OUTPUT_ATTENTIONS,
     STAGES,
+    DimpleDataCollator,
     build_trainer,
+    check_base_model_id,
+    check_lengths,
     end_distributed_run,
     load_training_data,
     lora_config,
@@ -105,7 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", required=True, help="Dimple checkpoint folder or Hub id (remote code).")
     parser.add_argument("--processor", help="Processor folder or Hub id (default: --model).")
-    parser.add_argument("--data", required=True, help="Training samples, .json (a list) or .jsonl.")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="Training samples: .json (a list), .jsonl, .parquet, .csv or a datasets.save_to_disk folder.",
+    )
     parser.add_argument("--image_folder", help="Folder that relative image paths start from.")
     parser.add_argument("--stage", required=True, choices=list(STAGES))
     parser.add_argument("--output_dir", required=True)
@@ -114,7 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--mask_strategy", choices=MASK_STRATEGIES, help="Diffusion stage only (default single).")
     data.add_argument("--answer_padding", default="dynamic", choices=ANSWER_PADDINGS)
     data.add_argument("--fixed_answer_length", type=int, help="Answer length for --answer_padding fixed (64).")
-    data.add_argument("--max_length", type=int, default=1024, help="Truncate sequences to this many tokens.")
+    data.add_argument(
+        "--max_length", type=int, help="Longest sample in tokens, images expanded (default: the model's positions)."
+    )
+    data.add_argument(
+        "--truncate_answers",
+        action="store_true",
+        help="Cut over-long samples inside their last answer instead of refusing them (never a question or image).",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     optim = parser.add_argument_group("optimisation (defaults: the stage's values)")
@@ -143,12 +157,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     lora.add_argument("--lora_alpha", type=int, default=32)
     lora.add_argument("--lora_dropout", type=float, default=0.05)
     lora.add_argument(
-        "--base_model_reference",
-        help="The base model the adapter and model cards name (e.g. its Hub id, before pushing); default: the "
-        "absolute path of --model when it is a folder, else --model.",
+        "--base_model_id",
+        help="The Hub id of the base model, recorded in the adapter config and model cards (default: --model when "
+        "it is a Hub id; a local folder is never written into a file meant for the Hub).",
     )
 
     output = parser.add_argument_group("output")
+    output.add_argument(
+        "--hub_model_id", help="The Hub id the output will be pushed to: the model card's title and snippet use it."
+    )
     output.add_argument(
         "--output_attention",
         choices=OUTPUT_ATTENTIONS,
@@ -179,8 +196,9 @@ def check_stage_options(args: argparse.Namespace) -> None:
         )
     if args.fixed_answer_length is not None and args.answer_padding != "fixed":
         logger.warning("--fixed_answer_length has no effect without --answer_padding fixed.")
-    if not args.lora and args.base_model_reference is not None:
-        logger.warning("--base_model_reference is recorded in the model card only (it names a LoRA adapter's base).")
+    check_base_model_id(args.base_model_id)
+    if not args.lora and args.base_model_id is not None:
+        logger.warning("--base_model_id is recorded in the model card only (it also names a LoRA adapter's base).")
 
 
 def training_overrides(args: argparse.Namespace) -> dict:
@@ -202,6 +220,7 @@ def training_overrides(args: argparse.Namespace) -> dict:
         save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps,
         report_to=args.report_to,
+        hub_model_id=args.hub_model_id,
     )
     for name in ("learning_rate", "max_grad_norm", "ddp_find_unused_parameters"):
         if getattr(args, name) is not None:
@@ -214,9 +233,20 @@ def main(argv=None):
     args = parse_args(argv)
     check_stage_options(args)
     lora = lora_config(args.stage, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else None
-    # Every sample parsed and every image opened before the (possibly large) model loads.
+    # Every sample parsed and every image opened, then every sample measured with the light processor and config,
+    # before the (possibly large) model loads.
     dataset = load_training_data(args.data, args.image_folder)
     processor = AutoProcessor.from_pretrained(args.processor or args.model, trust_remote_code=True)
+    positions = AutoConfig.from_pretrained(args.model, trust_remote_code=True).max_position_embeddings
+    collator_options = dict(
+        image_folder=args.image_folder,
+        mask_strategy=args.mask_strategy or "single",
+        answer_padding=args.answer_padding,
+        fixed_answer_length=args.fixed_answer_length or 64,
+        max_length=args.max_length or positions,
+        truncate_answers=args.truncate_answers,
+    )
+    check_lengths(dataset, DimpleDataCollator(processor, **collator_options), positions)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
     training_args = stage_training_arguments(args.stage, args.output_dir, **training_overrides(args))
     warn_if_single_process(training_args)
@@ -228,14 +258,10 @@ def main(argv=None):
         training_args,
         lora=lora,
         output_attention=args.output_attention,
-        image_folder=args.image_folder,
-        mask_strategy=args.mask_strategy or "single",
-        answer_padding=args.answer_padding,
-        fixed_answer_length=args.fixed_answer_length or 64,
-        max_length=args.max_length,
+        **collator_options,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    save_final_model(trainer, base_model=args.base_model_reference)
+    save_final_model(trainer, base_model=args.base_model_id)
     end_distributed_run()
     return trainer
 

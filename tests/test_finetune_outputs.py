@@ -3,6 +3,7 @@ stage's output decodes with, an output folder ready to push and a LoRA adapter t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -20,9 +21,9 @@ from generation_utils import DimpleGenerationConfig
 from training_dimple import (
     LORA_LEARNING_RATE,
     DimpleDataCollator,
-    hub_id,
+    check_base_model_id,
+    hub_reference,
     remove_machine_local_keys,
-    resolvable_reference,
     stage_training_arguments,
 )
 
@@ -101,7 +102,7 @@ def test_missing_images_without_image_folder_point_to_the_flag(finetune, tmp_pat
         ("data.jsonl", "", r"data.jsonl holds no samples"),
         ("data.jsonl", "\n  \n", r"data.jsonl holds no samples"),
         ("data.json", "[]", r"data.json holds no samples"),
-        ("data.csv", "a,b", r"data.csv: training data must be a \.json file .* or a \.jsonl file"),
+        ("data.txt", "a,b", r"data.txt: training data must be a \.json file .*, a \.jsonl file .*\.parquet, \.csv"),
         ("data.jsonl", json.dumps(sample_row()) + "\n" + json.dumps({**sample_row(), "images": []}),
          r"data.jsonl, line 2: Sample 1: 1 <image> marker\(s\) but 0 image\(s\)"),
         ("data.jsonl", json.dumps({**sample_row(), "id": "q7", "messages": [
@@ -188,7 +189,9 @@ def test_output_folder_is_ready_to_push_and_resume_true_takes_the_last_checkpoin
             assert "local_files_only" not in path.read_text(), path
     card = (final / "README.md").read_text()
     assert "license: apache-2.0" in card and "library_name: transformers" in card
-    assert f"| base model | {base} |" in card and "base_model:" not in card  # a local folder is no Hub link
+    # a local folder is neither a Hub link nor written down
+    assert "| base model | a local folder (its Hub id was not given: --base_model_id) |" in card
+    assert "base_model:" not in card and str(base) not in card
     for fact in ("| stage | ar |", "| decodes with | causal attention (full_attn_mask=False) |",
                  "| training samples | 8 |", "| optimizer steps | 2 |", "| learning rate | 0.01 |"):  # fmt: skip
         assert fact in card, fact
@@ -212,14 +215,17 @@ def test_remove_machine_local_keys_keeps_everything_else(tmp_path):
     assert (tmp_path / "config.json").stat().st_mtime_ns == before
 
 
-def test_base_model_reference_resolves_from_anywhere(tmp_path, monkeypatch):
+def test_only_hub_ids_are_recorded_as_the_base_model(tmp_path, monkeypatch):
     (tmp_path / "org" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert resolvable_reference("org/base") == str(tmp_path / "org" / "base")  # a local folder: made absolute
-    assert resolvable_reference("org/model") == "org/model"  # no such folder: a Hub id, as given
-    assert resolvable_reference("") is None
-    # The card's base_model metadata links to the Hub: only Hub ids go there.
-    assert (hub_id(str(tmp_path / "org" / "base")), hub_id("org/model")) == (None, "org/model")
+    assert hub_reference("org/base") is None  # a local folder: never written into files meant for the Hub
+    assert hub_reference(str(tmp_path / "org" / "base")) is None
+    assert hub_reference("/nowhere/model") is None  # an absolute path, even a missing one
+    assert hub_reference("org/model") == "org/model"  # no such folder: a Hub id, as given
+    assert hub_reference("") is None
+    assert check_base_model_id("org/model") == "org/model"
+    with pytest.raises(ValueError, match="is a local path; give the base model's Hub id"):
+        check_base_model_id(str(tmp_path / "org" / "base"))
 
 
 @pytest.mark.parametrize(
@@ -263,24 +269,34 @@ with torch.no_grad():
 """
 
 
+def put_in_hub_cache(folder, repo_id, cache):
+    """`folder` as the cached snapshot of Hub model `repo_id`: what `from_pretrained(repo_id)` finds offline."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
 def test_lora_adapter_loads_on_its_own_from_another_folder_and_matches_the_merged_model(
     processor, tmp_path, monkeypatch
 ):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
     write_finetune_inputs(processor, work)
+    put_in_hub_cache(work / "base", "me/tiny-dimple", tmp_path / "hub")
     monkeypatch.chdir(work)  # the base model is given as a relative path, the way users type it
     trainer = load_finetune_script().main(
         finetune_cli("base", "data.jsonl", "images", "out", "diffusion", "--lora", "--lora_r", "4", "--lora_dropout",
-                     "0", "--save_steps", "5", "--learning_rate", "1e-2")
+                     "0", "--save_steps", "5", "--learning_rate", "1e-2", "--base_model_id", "me/tiny-dimple")
     )  # fmt: skip
     adapter = work / "out" / "lora_adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(work / "base")
+    assert config["base_model_name_or_path"] == "me/tiny-dimple"
     assert config["auto_mapping"] == {"base_model_class": "AutoModel", "parent_library": "transformers"}
     assert not (adapter / "training_args.bin").exists()
     card = (adapter / "README.md").read_text()
-    assert "library_name: peft" in card and f"| base model | {work / 'base'} |" in card and "| LoRA | r=4," in card
+    assert "library_name: peft" in card and "base_model: me/tiny-dimple" in card and "| LoRA | r=4," in card
+    assert "# out-lora" in card and 'AutoPeftModel.from_pretrained("out-lora"' in card
 
     merged = AutoModel.from_pretrained(work / "out" / "final", trust_remote_code=True, dtype=torch.float32)
     keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
@@ -289,8 +305,8 @@ def test_lora_adapter_loads_on_its_own_from_another_folder_and_matches_the_merge
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", ADAPTER_LOGITS, str(adapter), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")],
-        cwd=elsewhere, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=600,
+        cwd=elsewhere, env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "hub")},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     adapter_logits = torch.load(tmp_path / "logits.pt")

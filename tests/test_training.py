@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_IDS, make_tiny_model
@@ -187,7 +188,7 @@ def test_sixteen_bit_png_trains_as_its_eight_bit_version(processor, tmp_path):
     # A gradient, so that a clipped (white) or stretched picture would differ from the 8-bit one.
     gray = Image.fromarray((torch.arange(56 * 84).reshape(56, 84) % 251).to(torch.uint8).numpy())
     gray.save(tmp_path / "eight.png")
-    values = (torch.tensor(list(gray.getdata()), dtype=torch.int32).reshape(56, 84) * 257).numpy().astype("<u2")
+    values = (torch.tensor(np.asarray(gray), dtype=torch.int32) * 257).numpy().astype("<u2")
     Image.frombytes("I;16", gray.size, values.tobytes()).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
 
@@ -215,26 +216,49 @@ def test_dynamic_answer_padding_draws_the_whole_range(processor, words, bound):
     assert totals == set(range(words + 1, bound + 1))
 
 
-def test_truncation_never_splits_an_image_block(processor):
+def test_over_long_sample_is_refused_naming_what_the_cut_would_remove(processor):
     sample = {
         "messages": [{"role": "user", "content": "What is it ?"}, {"role": "assistant", "content": "red"},
                      {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "dog"}],
         "images": [picture(56, 56)],
     }  # fmt: skip
-    full = DimpleDataCollator(processor, max_length=1024)([sample])["input_ids"][0].tolist()
-    start, end = full.index(VS), full.index(VE)
-    cut = DimpleDataCollator(processor, max_length=start + 3)([sample])  # inside the block: cut before it
-    assert cut["input_ids"].tolist() == [full[:start]] and "pixel_values" not in cut
-    kept = DimpleDataCollator(processor, max_length=end + 1)([sample])
-    assert kept["input_ids"].tolist() == [full[: end + 1]]
-    assert kept["pixel_values"].shape == (16, 1176)
+    full = DimpleDataCollator(processor, answer_padding="fixed", fixed_answer_length=2)([sample])["input_ids"][0]
+    start = full.tolist().index(VS)
+    question_end = len(full) - 2  # the second answer: "dog" and one pad
+    inside_image = DimpleDataCollator(processor, max_length=start + 3, answer_padding="fixed", fixed_answer_length=2)
+    message = (
+        rf"Sample 0: {len(full)} tokens \(images expanded, each answer with one pad\) > max_length={start + 3}; the "
+        rf"cut would remove question 2 \({question_end - start - 3} of \d+ tokens\), image 1 \(3 of 6 tokens\), "
+        r"answer 2 \(all 2 of 2 tokens\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        inside_image([sample])
+    inside_image.truncate_answers = True  # never inside an image, even when asked to cut answers
+    with pytest.raises(ValueError, match=message):
+        inside_image([sample])
 
 
-def test_max_length_that_leaves_no_answer_token_is_an_error(processor):
-    sample = {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+def test_truncate_answers_cuts_the_last_answer_end_only(processor):
+    sample = {"messages": [{"role": "user", "content": "<image>"},
+                           {"role": "assistant", "content": "a red cat and a dog"}],
               "images": [picture(56, 56)]}  # fmt: skip
-    with pytest.raises(ValueError, match="max_length=16 cuts off every answer token"):
-        DimpleDataCollator(processor, max_length=16)([sample])
+    options = dict(answer_padding="fixed", fixed_answer_length=8)
+    full = DimpleDataCollator(processor, **options)([sample])
+    cut = DimpleDataCollator(processor, max_length=len(full["input_ids"][0]) - 5, truncate_answers=True, **options)
+    batch = cut([sample])
+    # The answer loses its 2 pads and its last 3 words; the image and the rest are kept whole.
+    assert batch["input_ids"][0].tolist() == full["input_ids"][0, :-5].tolist()
+    assert batch["input_ids"][0, -3:].tolist() == [W["a"], W["red"], W["cat"]]
+    assert torch.equal(batch["pixel_values"], full["pixel_values"])
+
+
+def test_dynamic_padding_is_shortened_to_fit_max_length(processor):
+    sample = text_sample(" ".join(["a"] * 5))  # 5 answer tokens, padding drawn up to 8
+    shortest = len(DimpleDataCollator(processor).encode(sample, generator=torch.Generator()).input_ids)
+    collator = DimpleDataCollator(processor, max_length=shortest - 5 + 6)  # room for the answer and one pad
+    for seed in range(20):
+        encoded = collator.encode(sample, generator=torch.Generator().manual_seed(seed))
+        assert len(encoded.input_ids) <= shortest - 5 + 6 and encoded.input_ids[-1] == PAD
 
 
 def test_empty_image_is_named(processor):
