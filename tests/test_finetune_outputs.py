@@ -3,15 +3,17 @@ stage's output decodes with, an output folder ready to push and a LoRA adapter t
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import REPO_ROOT, make_tiny_model
 from PIL import Image
 from test_distributed_training import write_finetune_inputs
 from test_training import load_finetune_script, processor, tiny_logits, toy_samples  # noqa: F401 (fixture)
@@ -23,6 +25,8 @@ from training_dimple import (
     DimpleDataCollator,
     check_base_model_id,
     hub_reference,
+    load_samples,
+    load_training_data,
     remove_machine_local_keys,
     stage_training_arguments,
 )
@@ -314,3 +318,283 @@ def test_lora_adapter_loads_on_its_own_from_another_folder_and_matches_the_merge
     base_logits = tiny_logits(make_tiny_model(), processor)
     assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # the adapter changed something
     torch.testing.assert_close(adapter_logits, merged_logits, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------- issue 30: lengths, encodings, formats, seeds
+
+POSITIONS = 64  # the tiny base model's max_position_embeddings in these tests
+
+
+@pytest.fixture
+def light_finetune(monkeypatch, processor):
+    """The script, with the model's loading replaced by a failure: the processor (here the word-level one, so that
+    token counts are words) and the config are light and load for the length checks, the model must not."""
+    script = load_finetune_script()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before every sample was measured")
+
+    monkeypatch.setattr(script, "AutoModel", SimpleNamespace(from_pretrained=refuse))
+    monkeypatch.setattr(script, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *args, **kwargs: processor))
+    return script
+
+
+def write_base(processor, folder, positions=POSITIONS):
+    make_tiny_model(max_position_embeddings=positions).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def words(count):
+    return " ".join(["red", "square", "and", "blue", "circle"] * (count // 5) + ["cat"] * (count % 5))
+
+
+def twenty_rows(bad: dict):
+    """20 good samples with an image; `bad` maps a 0-based row to a replacement (line = row + 1)."""
+    rows = [sample_row(f"{number % 3}.png") for number in range(20)]
+    for row, sample in bad.items():
+        rows[row] = sample
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_samples_longer_than_the_models_positions_are_listed_before_the_model_loads(
+    light_finetune, processor, tmp_path
+):
+    base, images = write_base(processor, tmp_path / "base"), write_images(tmp_path / "images")
+    two_images = {"messages": [{"role": "user", "content": "<image>Name the color ?"},
+                               {"role": "assistant", "content": words(40)},
+                               {"role": "user", "content": "and <image> ?"}, {"role": "assistant", "content": "red"}],
+                  "images": ["0.png", "1.png"]}  # fmt: skip
+    rows = twenty_rows({13: sample_row(answer=words(60)), 16: two_images})
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    args = ["--model", str(base), "--data", str(data), "--image_folder", str(images), "--stage", "diffusion",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        light_finetune.main(args)  # --max_length defaults to the model's 64 positions
+    message = str(error.value)
+    assert message.startswith(f"2 of 20 sample(s) are longer than max_length={POSITIONS}:\n")
+    # the long answer: prompt (system, question, 4 image tokens, header) + 60 words + 1 pad
+    assert re.search(rf"{data}, line 14 \(sample 13\): \d+ tokens \(images expanded, each answer with one pad\) > "
+                     rf"max_length=64; the cut would remove answer 1 \(\d+ of 61 tokens\)\n", message)  # fmt: skip
+    # the second image falls beyond the cut: named, not dropped
+    assert re.search(rf"{data}, line 17 \(sample 16\): .* image 2 \(all 6 of 6 tokens\), answer 2 \(all 2 of 2", message)
+    assert "or pass truncate_answers=True (--truncate_answers)" in message
+
+    with pytest.raises(ValueError, match=f"max_length=128 exceeds the model's {POSITIONS} positions"):
+        light_finetune.main(args + ["--max_length", "128"])
+
+
+def test_truncate_answers_cuts_only_answer_ends_and_says_how_many(light_finetune, processor, tmp_path, caplog):
+    base, images = write_base(processor, tmp_path / "base"), write_images(tmp_path / "images")
+    two_images = {"messages": [{"role": "user", "content": "<image>Name the color ?"},
+                               {"role": "assistant", "content": words(40)},
+                               {"role": "user", "content": "and <image> ?"}, {"role": "assistant", "content": "red"}],
+                  "images": ["0.png", "1.png"]}  # fmt: skip
+    args = ["--model", str(base), "--image_folder", str(images), "--stage", "diffusion", "--output_dir",
+            str(tmp_path / "out"), "--truncate_answers"]  # fmt: skip
+    refused = write_jsonl(tmp_path / "refused.jsonl", twenty_rows({13: sample_row(answer=words(60)), 16: two_images}))
+    with pytest.raises(ValueError, match=r"1 of 20 sample\(s\) are longer .*\n  .*line 17 \(sample 16\).*\n"
+                                         r"These cuts would reach past the last answer"):  # fmt: skip
+        light_finetune.main(args + ["--data", str(refused)])
+
+    accepted = write_jsonl(tmp_path / "data.jsonl", twenty_rows({13: sample_row(answer=words(60))}))
+    with pytest.raises(AssertionError, match="the model loaded"):  # every check passed: the model is next
+        light_finetune.main(args + ["--data", str(accepted)])
+    assert "truncate_answers: the last answer of 1 of 20 sample(s) is cut at max_length=64" in caplog.text
+    assert f"{accepted}, line 14 (sample 13)" in caplog.text
+    # What trains: the first 64 tokens, the image whole, the answer cut at its end.
+    from training_dimple import DimpleDataCollator as Collator
+
+    collator = Collator(processor, max_length=POSITIONS, truncate_answers=True, image_folder=images)
+    batch = collator([load_samples(accepted)[13]])
+    full = Collator(processor, image_folder=images)([load_samples(accepted)[13]])
+    assert batch["input_ids"].shape == (1, POSITIONS)
+    assert batch["input_ids"][0].tolist() == full["input_ids"][0, :POSITIONS].tolist()
+    assert torch.equal(batch["pixel_values"], full["pixel_values"])
+
+
+def test_latin1_and_utf16_files_are_named_with_the_fix_before_the_model_loads(finetune, tmp_path):
+    write_images(tmp_path / "images")
+    rows = [json.dumps(row) for row in twenty_rows({})]
+    rows[13] = rows[13].replace("red square", "caf\u00e9")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes("\n".join(rows).encode("latin-1"))
+    offset = latin1.read_bytes().index(b"\xe9")
+    with pytest.raises(ValueError, match=rf"latin1.jsonl, line 14: byte 0xe9 at byte offset {offset} is not UTF-8 "
+                                         r".*Save it as UTF-8, e.g. `iconv -f WINDOWS-1252 -t UTF-8"):  # fmt: skip
+        run_on(finetune, latin1, image_folder=tmp_path / "images")
+    utf16 = tmp_path / "notepad.jsonl"
+    utf16.write_bytes("\n".join(rows).encode("utf-16"))  # with its byte-order mark, as Notepad writes it
+    with pytest.raises(ValueError, match=r"notepad.jsonl is UTF-16-encoded \(it starts with a UTF-16 byte-order mark"
+                                         r".*Save it as UTF-8"):  # fmt: skip
+        run_on(finetune, utf16, image_folder=tmp_path / "images")
+
+
+def collated(processor, dataset, images):
+    from training_dimple import DimpleDataCollator as Collator
+
+    collator = Collator(processor, answer_padding="fixed", fixed_answer_length=4, image_folder=images)
+    return collator([dataset[index] for index in range(len(dataset))])
+
+
+def assert_same_batches(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_utf8_bom_and_upper_case_suffix_train_the_same_samples(processor, tmp_path):
+    images = write_images(tmp_path / "images")
+    plain = write_jsonl(tmp_path / "plain.jsonl", twenty_rows({}))
+    bom = tmp_path / "train.JSONL"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    expected = load_training_data(plain, images)
+    got = load_training_data(bom, images)
+    assert got.samples == expected.samples and got.locations[13] == f"{bom}, line 14"
+    assert_same_batches(collated(processor, got, images), collated(processor, expected, images))
+
+
+def test_transformers_chat_content_parts_train_as_markers(processor, tmp_path):
+    images = write_images(tmp_path / "images")
+    markers = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                            {"role": "user", "content": "<image>Name the color ?"},
+                            {"role": "assistant", "content": "red square"},
+                            {"role": "user", "content": "and <image> ?"}, {"role": "assistant", "content": "blue"}],
+               "images": ["0.png", "1.png"]}  # fmt: skip
+    parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+                          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Name the color ?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "red square"}]},
+                          {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "image"},
+                                                       {"type": "text", "text": " ?"}]},
+                          {"role": "assistant", "content": "blue"}],
+             "images": ["0.png", "1.png"]}  # fmt: skip
+    inline = json.loads(json.dumps(parts).replace('{"type": "image"}', '{"type": "image", "path": "%s"}'))
+    inline["messages"][1]["content"][0]["path"] = "0.png"
+    inline["messages"][3]["content"][1]["path"] = "1.png"
+    del inline["images"]
+    expected = collated(processor, load_training_data([markers], images), images)
+    for sample in (parts, inline):
+        assert_same_batches(collated(processor, load_training_data([sample], images), images), expected)
+    bad = {**parts, "messages": [{"role": "user", "content": [{"type": "audio"}]}, parts["messages"][2]]}
+    with pytest.raises(ValueError, match=r"Sample 0, message 0, part 0: a content part is \{'type': 'text'"):
+        load_training_data([bad], images)
+
+
+def test_parquet_csv_and_save_to_disk_folders_train_the_same_samples(processor, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images = write_images(tmp_path / "images")
+    rows = twenty_rows({})
+    expected = load_training_data(write_jsonl(tmp_path / "data.jsonl", rows), images)
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "data.PARQUET"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "saved_dict"))
+    flat = [{"image": row["images"][0], "question": "Name the color ?", "answer": "red square"} for row in rows]
+    datasets.Dataset.from_list(flat).to_csv(str(tmp_path / "data.csv"))
+    for source in ("data.PARQUET", "saved", "saved_dict", "data.csv"):
+        got = load_training_data(tmp_path / source, images)
+        assert got.samples == expected.samples, source
+        assert got.locations[13].endswith(", row 13"), got.locations[13]
+        assert_same_batches(collated(processor, got, images), collated(processor, expected, images))
+
+
+def test_tables_without_the_columns_or_without_datasets_are_refused_with_the_fix(finetune, tmp_path, monkeypatch):
+    (tmp_path / "data.csv").write_text("prompt,reply\nName it,red\n")
+    with pytest.raises(ValueError, match=r"data.csv: a table of training data needs a 'messages' column .* the "
+                                         r"columns question, answer .* it has prompt, reply"):  # fmt: skip
+        run_on(finetune, tmp_path / "data.csv")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=r"folder is a folder but not a `datasets.save_to_disk` folder"):
+        run_on(finetune, tmp_path / "folder")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"data.csv: reading it needs the `datasets` package \(`pip install datasets`\)"
+                                         r"; or convert it to JSON Lines"):  # fmt: skip
+        run_on(finetune, tmp_path / "data.csv")
+
+
+def lora_run(base, data, images, output_dir):
+    return finetune_cli(base, data, images, output_dir, "diffusion", "--lora", "--lora_r", "4", "--save_steps", "5",
+                        "--learning_rate", "1e-2", "--seed", "3")  # fmt: skip
+
+
+def saved_tensors(folder):
+    from safetensors.torch import load_file
+
+    return {path.name: load_file(path) for path in sorted(folder.glob("*.safetensors"))}
+
+
+def assert_bit_identical(first, second):
+    assert first.keys() == second.keys() and first
+    for name in first:
+        assert first[name].keys() == second[name].keys()
+        for key in first[name]:
+            assert torch.equal(first[name][key], second[name][key]), (name, key)
+
+
+def test_two_lora_runs_with_the_same_seed_save_bit_identical_adapters(processor, tmp_path):
+    base, data, images = write_finetune_inputs(processor, tmp_path)
+    script = load_finetune_script()
+    for run in ("one", "two"):  # in one process
+        script.main(lora_run(base, data, images, tmp_path / run))
+    # and in a process of its own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script_path = str(REPO_ROOT / "examples" / "finetune.py")
+    result = subprocess.run([sys.executable, script_path, *lora_run(base, data, images, tmp_path / "three")],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for folder in ("lora_adapter", "final"):
+        one = saved_tensors(tmp_path / "one" / folder)
+        assert_bit_identical(one, saved_tensors(tmp_path / "two" / folder))
+        assert_bit_identical(one, saved_tensors(tmp_path / "three" / folder))
+    other_seed = lora_run(base, data, images, tmp_path / "four")
+    script.main(other_seed[:-1] + ["4"])
+    adapter = saved_tensors(tmp_path / "one" / "lora_adapter")["adapter_model.safetensors"]
+    changed = saved_tensors(tmp_path / "four" / "lora_adapter")["adapter_model.safetensors"]
+    assert any(not torch.equal(adapter[key], changed[key]) for key in adapter)  # the seed matters
+
+
+def machine_paths(*folders):
+    """Absolute paths of this machine a pushed file must not hold: the folders given, home, the repository."""
+    paths = {str(folder.resolve()) for folder in folders} | {str(Path.home()), str(REPO_ROOT)}
+    return sorted(path for path in paths if path not in ("/", ""))
+
+
+def test_output_folders_hold_no_local_path_a_hub_name_and_usual_permissions(processor, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    write_finetune_inputs(processor, work)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    load_finetune_script().main(finetune_cli("base", "data.jsonl", "images", "my-run", "diffusion", "--lora",
+                                             "--lora_r", "4", "--save_steps", "5"))  # fmt: skip
+    umask = os.umask(0)
+    os.umask(umask)
+    forbidden = machine_paths(tmp_path, work, work / "base")
+    for folder in (work / "my-run" / "final", work / "my-run" / "lora_adapter"):
+        files = [path for path in folder.rglob("*") if path.is_file()]
+        assert any(path.name.endswith(".safetensors") for path in files)
+        for path in files:
+            content = path.read_bytes()
+            for local in forbidden:
+                assert local.encode() not in content, (path, local)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+    card = (work / "my-run" / "final" / "README.md").read_text()
+    assert card.count("# my-run\n") == 1 and 'from_pretrained("my-run"' in card and "final" not in card.split("##")[0]
+    adapter_card = (work / "my-run" / "lora_adapter" / "README.md").read_text()
+    assert "# my-run-lora\n" in adapter_card and 'AutoPeftModel.from_pretrained("my-run-lora"' in adapter_card
+    adapter_config = json.loads((work / "my-run" / "lora_adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] is None  # a local base: no path, and the run said so
+
+
+def test_hub_model_id_names_the_card(processor, tmp_path):
+    base, data, images = write_finetune_inputs(processor, tmp_path)
+    load_finetune_script().main(finetune_cli(base, data, images, tmp_path / "out", "ar", "--save_steps", "5",
+                                             "--hub_model_id", "me/my-dimple", "--base_model_id", "org/dimple-base"))  # fmt: skip
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "# me/my-dimple\n" in card and 'AutoModel.from_pretrained("me/my-dimple"' in card
+    assert "base_model: org/dimple-base" in card and "| base model | org/dimple-base |" in card
