@@ -1,4 +1,7 @@
-"""Fine-tuning Dimple: chat data, the training collator, the per-stage set-up and a Trainer (reference §6).
+"""Fine-tuning Dimple: the per-stage set-up, LoRA, a Trainer and saving (reference §6).
+
+The data side (reading files, checks before the model loads, the collator) lives in `training_data.py`; its public
+names are importable from here too.
 
 Dimple trains autoregressively first, then as a masked discrete-diffusion model:
 
@@ -20,7 +23,7 @@ from training_dimple import build_trainer, save_final_model, stage_training_argu
 
 args = stage_training_arguments("diffusion", "out/diffusion", per_device_train_batch_size=1,
                                 gradient_accumulation_steps=32, bf16=True)
-# Reads and checks every sample and opens every image before anything trains.
+# Reads and checks every sample, opens every image and measures every sample before anything trains.
 trainer = build_trainer(model, processor, "train.jsonl", "diffusion", args, image_folder="images/")
 trainer.train()
 save_final_model(trainer)  # out/diffusion/final: reloads with AutoModel.from_pretrained(dir, trust_remote_code=True)

@@ -1,16 +1,20 @@
 """Fine-tune Dimple on image-text chat data, one stage at a time (autoregressive, then diffusion; reference §6).
 
-Data: a `.json` list or a `.jsonl` file of samples
+Data: a `.json` list or a `.jsonl` file of samples (UTF-8; `.parquet`, `.csv` and `datasets.save_to_disk` folders
+through `datasets`, see docs/fine-tuning.md)
 
     {"messages": [{"role": "user", "content": "<image>What is in the picture?"},
                   {"role": "assistant", "content": "A red square."}],
      "images": ["shapes/0001.png"]}
 
-(LLaVA's `{"conversations": [{"from": "human"|"gpt", "value": ...}], "image": ...}` works too). Image paths are
-relative to `--image_folder`. Each `<image>` marker takes the next image. `"<image>" + question`, with nothing
+(LLaVA's `{"conversations": [{"from": "human"|"gpt", "value": ...}], "image": ...}` and transformers' content parts
+`[{"type": "image"}, {"type": "text", ...}]` work too). Image paths are relative to `--image_folder`. Each `<image>`
+marker takes the next image. `"<image>" + question`, with nothing
 between them, is the layout the chat template gives inference prompts and the one `checkpoints/dimple-shapes` was
-trained on (`shapes/train.py`). Every file is parsed and every image opened before the model loads: a malformed
-line, a missing or corrupt image or an empty file stops the run at once, naming the file, line and sample.
+trained on (`shapes/train.py`). Every file is parsed, every image opened and every sample measured in tokens (images
+expanded) before the model loads: a malformed line, a file in another encoding, a missing or corrupt image, an
+empty file or a sample longer than `--max_length` (default: the model's positions) stops the run at once, naming the
+file, line and sample; `--truncate_answers` cuts over-long answers at their end instead (never a question or image).
 
 Stages (each starts from the previous stage's final model):
 
@@ -34,8 +38,11 @@ Output (`--output_dir out`):
 
     out/final/          the model, processor and model card: the folder to push (`hf upload me/model out/final`)
     out/lora_adapter/   with --lora: the adapter alone, with its card; `AutoPeftModel.from_pretrained(
-                        "out/lora_adapter", trust_remote_code=True)` loads it on its base (recorded as an absolute
-                        path, or --base_model_reference, e.g. the base's Hub id before pushing)
+                        "out/lora_adapter", trust_remote_code=True)` loads it on its base, recorded by its Hub id
+                        (--base_model_id, or --model when that is one; never a local path)
+
+`--hub_model_id me/model` names the cards and their snippets after the repository you push to (default: the name
+of `--output_dir`).
     out/checkpoint-*/   optimizer state to resume from (`--resume_from_checkpoint True` takes the last); not for
                         pushing
 
@@ -246,7 +253,8 @@ def main(argv=None):
         max_length=args.max_length or positions,
         truncate_answers=args.truncate_answers,
     )
-    check_lengths(dataset, DimpleDataCollator(processor, **collator_options), positions)
+    measuring = DimpleDataCollator(processor, objective=STAGES[args.stage].objective, **collator_options)
+    check_lengths(dataset, measuring, positions)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
     training_args = stage_training_arguments(args.stage, args.output_dir, **training_overrides(args))
     warn_if_single_process(training_args)
