@@ -18,17 +18,20 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from transformers import logging
 
 try:
     from .image_processing_dimple import MAX_ASPECT_RATIO, image_size, read_image
     from .processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
+    from .transformers_compat import smart_resize
 except ImportError:  # no parent package: imported from the repository root
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
     from image_processing_dimple import MAX_ASPECT_RATIO, image_size, read_image
     from processing_dimple import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VISION_TOKENS
+    from transformers_compat import smart_resize
 
 logger = logging.get_logger(__name__)
 
@@ -39,8 +42,6 @@ ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": 
 OBJECTIVES = ("ar", "diffusion")
 MASK_STRATEGIES = ("single", "dual")
 ANSWER_PADDINGS = ("dynamic", "fixed")
-# Batch keys the collator returns for inspection that the model does not take.
-COLLATOR_ONLY_KEYS = ("answer_mask",)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -648,8 +649,9 @@ class DimpleDataCollator:
         seed: seeds the padding and masking draws, which are per sample (see `_sample_generator`).
         system_prompt: system text for samples without a system message.
 
-    Returns (from `__call__`): `input_ids`, `attention_mask`, `labels` (right-padded with the pad id / 0 / -100),
-    `answer_mask` (bool) and, when the batch has images, `pixel_values` and `image_grid_thw`. Positions are left
+    Returns (from `__call__`) model inputs only: `input_ids`, `attention_mask`, `labels` (right-padded with the pad
+    id / 0 / -100 by `pad_sequence`) and, when the batch has images, `pixel_values` and `image_grid_thw`
+    (`encode` gives one sample's `answer_mask` too). Positions are left
     to the model, which computes its M-RoPE index from `input_ids`, `attention_mask` and the grids.
     """
 
@@ -686,8 +688,8 @@ class DimpleDataCollator:
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
         self.pad_token_id = self._token_id("<|endoftext|>")
-        self.mask_token_id = self._token_id("<|mask|>")
-        self.image_token_id = self._token_id("<|image_pad|>")
+        self.mask_token_id = self.processor.mask_token_id
+        self.image_token_id = self.processor.image_token_id
         self.vision_start_token_id = self._token_id("<|vision_start|>")
         self.vision_end_token_id = self._token_id("<|vision_end|>")
         self.epoch = 0
@@ -715,8 +717,8 @@ class DimpleDataCollator:
         """Token rows, labels and answer mask of one sample (AR view; no diffusion masking, no batch padding)."""
         chat = parse_sample(sample, index)
         where = describe_sample(sample, index)
-        pixel_values, grids, image_tokens = self._process_images(chat.images, where)
-        turns = self._turn_tokens(chat, image_tokens, where)
+        pixel_values, grids = self._process_images(chat.images, where)
+        turns = self._turn_tokens(chat, grids, where)
         lengths = self._fit_padding(turns, self._answer_lengths(turns, generator))
 
         ids, labels, answer = [], [], []
@@ -731,7 +733,7 @@ class DimpleDataCollator:
             torch.tensor(labels[:cut]),
             torch.tensor(answer[:cut], dtype=torch.bool),
             pixel_values,
-            grids,
+            grids if pixel_values is not None else None,
         )
 
     def measure(self, sample, index: int = 0, image_folder=None) -> "SampleLength":
@@ -739,19 +741,23 @@ class DimpleDataCollator:
         padding), from the image sizes alone; what `max_length` would cut. Nothing is drawn or processed."""
         chat = parse_sample(sample, index)
         where = describe_sample(sample, index)
-        image_tokens = [self.image_token_count(source, image_folder) for source in chat.images]
-        turns = self._turn_tokens(chat, image_tokens, where)
+        grids = torch.tensor([self.image_grid(source, image_folder) for source in chat.images], dtype=torch.long)
+        grids = grids.reshape(-1, 3)
+        turns = self._turn_tokens(chat, grids, where)
         segments = self._segments(turns, self._shortest_answer_lengths(turns))
         return SampleLength(segments[-1][2], segments, self.max_length, self._truncatable(segments))
 
-    def image_token_count(self, source, image_folder=None) -> int:
-        """How many `<|image_pad|>` tokens an image becomes, from its size (the header only)."""
+    def image_grid(self, source, image_folder=None) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid an image becomes, from its size alone (the file's header): the grid the
+        image processor gives after the pre-resize."""
         width, height = image_size(source, image_folder or self.image_folder)
+        processor = self.image_processor
+        size = processor.size
         if self.resize_images:
-            size = self.image_processor.size
             width, height = pre_resize_size(width, height, size.shortest_edge, size.longest_edge)
-        patches = self.image_processor.get_number_of_image_patches(height, width)
-        return patches // self.image_processor.merge_size**2
+        factor = processor.patch_size * processor.merge_size
+        height, width = smart_resize(height, width, factor, size.shortest_edge, size.longest_edge)
+        return 1, height // processor.patch_size, width // processor.patch_size
 
     def cut_position(self, turns, where: str) -> int:
         """Where a sample ends: its whole length, or `max_length` inside the last answer (`truncate_answers`)."""
@@ -763,14 +769,15 @@ class DimpleDataCollator:
             return self.max_length
         raise ValueError(f"{where}: {length.describe()}")
 
-    def _turn_tokens(self, chat: ChatSample, image_tokens: list[int], where: str) -> list[tuple[list, list]]:
-        """(prompt ids with each image expanded, answer ids) per turn, before padding."""
+    def _turn_tokens(self, chat: ChatSample, grids, where: str) -> list[tuple[list, list]]:
+        """(prompt ids with each image expanded by the processor, answer ids) per turn, before padding."""
         system = chat.system if chat.system is not None else self.system_prompt
-        blocks = iter(image_tokens)
+        images = iter(range(len(chat.images)))
         turns = [
-            (self._encode_text(self._expand_images(prompt, blocks)), self._encode_text(reply))
+            (self._encode_text(self._expand_images(prompt, grids, images)), self._encode_text(reply))
             for prompt, (_, reply) in zip(self._prompts(system, chat.turns), chat.turns)
         ]
+        image_tokens = (grids.prod(-1) // self.image_processor.merge_size**2).tolist()
         self._check_image_tokens([token for prompt, _ in turns for token in prompt], image_tokens, where)
         return turns
 
@@ -842,14 +849,17 @@ class DimpleDataCollator:
         text = self.processor.apply_chat_template(messages, tokenize=False)
         return text.split(ANSWER_PLACEHOLDER + self.tokenizer.eos_token)[:-1]
 
-    def _expand_images(self, text: str, blocks) -> str:
-        """One `<|image_pad|>` per image (as rendered) becomes the image's t*h*w/merge² copies."""
+    def _expand_images(self, text: str, grids, images) -> str:
+        """Each `<|image_pad|>` (as rendered) becomes what the processor's `replace_image_token` makes of the next
+        image: its t*h*w/merge² copies, as at inference."""
         pieces = text.split(IMAGE_TOKEN)
-        return "".join([pieces[0]] + [IMAGE_TOKEN * next(blocks) + piece for piece in pieces[1:]])
+        expanded = [self.processor.replace_image_token({"image_grid_thw": grids}, next(images)) for _ in pieces[1:]]
+        return "".join([pieces[0]] + [block + piece for block, piece in zip(expanded, pieces[1:])])
 
     def _process_images(self, sources, where):
+        """The images' pixel rows (None without images) and their (t, h, w) grids ([0, 3] without images)."""
         if not sources:
-            return None, None, []
+            return None, torch.zeros((0, 3), dtype=torch.long)
         images = []
         for number, source in enumerate(sources):
             try:
@@ -868,9 +878,7 @@ class DimpleDataCollator:
             processed = self.image_processor(images=images, return_tensors="pt")
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from error
-        grids = processed["image_grid_thw"]
-        tokens = (grids.prod(-1) // self.image_processor.merge_size**2).tolist()
-        return processed["pixel_values"], grids, tokens
+        return processed["pixel_values"], processed["image_grid_thw"]
 
     def _check_image_tokens(self, ids, image_tokens, where):
         # Literal vision special tokens written in the text would shift the image features; refuse them.
@@ -896,13 +904,13 @@ class DimpleDataCollator:
             generator = self._sample_generator(index)
             encoded = self.encode(sample, index, generator)
             if self.objective == "ar":
-                rows[0].append((encoded.input_ids, encoded.labels, encoded.answer_mask))
+                rows[0].append((encoded.input_ids, encoded.labels))
             else:
                 variants = diffusion_mask(
                     encoded.input_ids, encoded.answer_mask, self.mask_token_id, generator, self.mask_strategy, self.eps
                 )
-                for copy, (input_ids, labels) in zip(rows, variants):
-                    copy.append((input_ids, labels, encoded.answer_mask))
+                for copy, variant in zip(rows, variants):
+                    copy.append(variant)
             if encoded.pixel_values is not None:
                 pixel_values.append(encoded.pixel_values)
                 grids.append(encoded.image_grid_thw)
@@ -916,20 +924,13 @@ class DimpleDataCollator:
         return batch
 
     def _pad(self, rows) -> dict[str, torch.Tensor]:
-        width = max(len(input_ids) for input_ids, _, _ in rows)
-        batch = {
-            "input_ids": torch.full((len(rows), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-            "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-            "answer_mask": torch.zeros(len(rows), width, dtype=torch.bool),
+        """Right-pad the rows: `<|endoftext|>` ids, attention 0 and labels -100 after each row's end."""
+        input_ids, labels = zip(*rows)
+        return {
+            "input_ids": pad_sequence(input_ids, batch_first=True, padding_value=self.pad_token_id),
+            "attention_mask": pad_sequence([torch.ones_like(ids) for ids in input_ids], batch_first=True),
+            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
-        for row, (input_ids, labels, answer_mask) in enumerate(rows):
-            length = len(input_ids)
-            batch["input_ids"][row, :length] = input_ids
-            batch["attention_mask"][row, :length] = 1
-            batch["labels"][row, :length] = labels
-            batch["answer_mask"][row, :length] = answer_mask
-        return batch
 
 
 def _short(source) -> str:
@@ -942,7 +943,6 @@ def _short(source) -> str:
 
 __all__ = [
     "ANSWER_PADDINGS",
-    "COLLATOR_ONLY_KEYS",
     "IGNORE_INDEX",
     "IMAGE_MARKER",
     "MASK_STRATEGIES",

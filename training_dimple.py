@@ -70,7 +70,6 @@ try:
     from .processing_dimple import EOS_TOKEN, PAD_TOKEN
     from .training_data import (
         ANSWER_PADDINGS,
-        COLLATOR_ONLY_KEYS,
         IGNORE_INDEX,
         IMAGE_MARKER,
         MASK_STRATEGIES,
@@ -97,7 +96,6 @@ except ImportError:  # no parent package: imported from the repository root
     from processing_dimple import EOS_TOKEN, PAD_TOKEN
     from training_data import (
         ANSWER_PADDINGS,
-        COLLATOR_ONLY_KEYS,
         IGNORE_INDEX,
         IMAGE_MARKER,
         MASK_STRATEGIES,
@@ -233,7 +231,7 @@ def prepare_model(model, stage: str, lora=None):
 
 
 class DimpleTrainer(Trainer):
-    """The HF Trainer, minus the collator-only batch keys; the loss is the model's (see the module docstring).
+    """The HF Trainer; the loss is the model's (see the module docstring), the batches the collator's model inputs.
 
     `processor` is saved next to the model in every checkpoint. It is deliberately not the Trainer's
     `processing_class`: with one, `train()` rewrites the model config's bos/eos ids with the tokenizer's
@@ -251,12 +249,6 @@ class DimpleTrainer(Trainer):
         self.output_full_attn_mask = output_full_attn_mask
         if callable(getattr(self.data_collator, "set_epoch", None)):
             self.add_callback(CollatorEpochCallback(self.data_collator))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {key: value for key, value in inputs.items() if key not in COLLATOR_ONLY_KEYS}
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -587,7 +579,6 @@ def training_facts(trainer) -> dict:
 
 __all__ = [
     "ANSWER_PADDINGS",
-    "COLLATOR_ONLY_KEYS",
     "IGNORE_INDEX",
     "IMAGE_MARKER",
     "MASK_STRATEGIES",

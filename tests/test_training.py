@@ -113,10 +113,6 @@ def toy_samples():
     ]
 
 
-def model_inputs(batch):
-    return {key: value for key, value in batch.items() if key != "answer_mask"}
-
-
 # --------------------------------------------------------------------------------------------------- collator
 
 
@@ -137,8 +133,8 @@ def test_collator_two_turns_two_images_by_hand(processor):
     pad = len(ids) - len(short)
     assert batch["input_ids"].tolist() == [ids, short + [PAD] * pad]
     assert batch["labels"].tolist() == [labels, [-100] * (len(short) - 3) + [W["red"], PAD, PAD] + [-100] * pad]
-    short_answer = [False] * (len(short) - 3) + [True] * 3 + [False] * pad
-    assert batch["answer_mask"].tolist() == [[bool(a) for a in answer], short_answer]
+    assert collator.encode(two_turn_sample()).answer_mask.tolist() == [bool(a) for a in answer]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw"}  # model inputs
     assert batch["attention_mask"].tolist() == [[1] * len(ids), [1] * len(short) + [0] * pad]
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
     reference = DimpleImageProcessor()(images=two_turn_sample()["images"], return_tensors="pt")
@@ -359,7 +355,8 @@ def test_dual_masking_masks_every_answer_token_exactly_once(processor):
     )(samples)
     assert batch["input_ids"].shape[0] == 4
     hits = batch["input_ids"] == MASK
-    assert torch.equal(hits[:2].int() + hits[2:].int(), plain["answer_mask"].int())
+    # in the AR view (fixed padding, nothing masked), the scored positions are exactly the answers and their pads
+    assert torch.equal(hits[:2].int() + hits[2:].int(), (plain["labels"] != -100).int())
     for copy in (slice(0, 2), slice(2, 4)):
         assert torch.equal(batch["labels"][copy][hits[copy]], plain["input_ids"][hits[copy]])
         assert (batch["labels"][copy][~hits[copy]] == -100).all()
@@ -377,7 +374,7 @@ def test_diffusion_loss_equals_hand_computation(processor):
     options = dict(answer_padding="fixed", fixed_answer_length=4)
     original = DimpleDataCollator(processor, **options)(samples)["input_ids"]
     batch = DimpleDataCollator(processor, objective="diffusion", seed=5, **options)(samples)
-    output = model(**model_inputs(batch))
+    output = model(**batch)
 
     masked = (batch["input_ids"] == MASK).nonzero().tolist()
     assert len(masked) > 1
@@ -393,7 +390,7 @@ def test_batch_without_masked_tokens_gives_zero_loss_and_a_valid_graph(processor
     labels = torch.full_like(batch["labels"], -100)
     for count in (None, torch.tensor(0)):
         model.zero_grad()
-        loss = model(**model_inputs(batch) | {"labels": labels}, num_items_in_batch=count).loss
+        loss = model(**batch | {"labels": labels}, num_items_in_batch=count).loss
         assert loss.item() == 0.0 and loss.requires_grad
         loss.backward()
         grads = [param.grad for param in model.parameters() if param.grad is not None]
@@ -403,17 +400,17 @@ def test_batch_without_masked_tokens_gives_zero_loss_and_a_valid_graph(processor
 def test_ar_loss_equals_transformers_causal_lm_loss(processor):
     model = configure_stage(make_tiny_model(), "ar")
     batch = DimpleDataCollator(processor, seed=2)([two_turn_sample(), text_sample()])
-    output = model(**model_inputs(batch))
+    output = model(**batch)
     vocab = model.config.vocab_size
     torch.testing.assert_close(output.loss, ForCausalLMLoss(output.logits, batch["labels"], vocab))
     count = torch.tensor(11)
-    summed = model(**model_inputs(batch), num_items_in_batch=count).loss
+    summed = model(**batch, num_items_in_batch=count).loss
     torch.testing.assert_close(summed, ForCausalLMLoss(output.logits, batch["labels"], vocab, num_items_in_batch=count))
 
 
 def test_ar_stage_is_causal_and_diffusion_stage_is_not(processor):
     model = make_tiny_model()
-    batch = model_inputs(DimpleDataCollator(processor)([two_turn_sample()]))
+    batch = DimpleDataCollator(processor)([two_turn_sample()])
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][0, -2] = W["green"]
     with torch.no_grad():
@@ -447,7 +444,7 @@ def test_stage_freezing_attention_and_defaults(tmp_path, stage, trainable, full_
 def eval_loss(model, batch):
     model.eval()
     with torch.no_grad():
-        return model(**model_inputs(batch)).loss.item()
+        return model(**batch).loss.item()
 
 
 @pytest.mark.parametrize("stage", ["ar", "diffusion"])
@@ -499,7 +496,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor):
         if checkpointing:
             model.activation_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
-        model(**model_inputs(batch)).loss.backward()
+        model(**batch).loss.backward()
         return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
 
     plain, checkpointed = gradients(False), gradients(True)
