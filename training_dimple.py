@@ -303,18 +303,18 @@ def warn_if_single_process(args: TrainingArguments) -> bool:
     return True
 
 
-def stage_training_arguments(stage: str, output_dir: str, *, lora: bool = False, **overrides) -> TrainingArguments:
-    """`TrainingArguments` with the reference §6.4 defaults of `stage`; keyword arguments override them.
+def stage_defaults(stage: str, *, lora: bool = False) -> dict:
+    """The reference §6.4 `TrainingArguments` values of `stage` (`stage_training_arguments` uses them, and
+    `examples/finetune.py` sets them as its parser's defaults).
 
-    Defaults: the stage's learning rate (`LORA_LEARNING_RATE` with `lora=True`) and max grad norm, AdamW (torch),
-    weight decay 0, 3 % linear warm-up then linear decay, seed 0, one epoch, no reporting, `use_cpu` when there is
-    no accelerator, and DDP's `find_unused_parameters` only for the stages that train the projector (a batch
-    without images leaves it unused; the diffusion stage uses every trainable weight in every step).
-    `remove_unused_columns` is always False: the collator needs the raw `messages` / `images`.
+    The stage's learning rate (`LORA_LEARNING_RATE` with `lora=True`) and max grad norm, AdamW (torch), weight
+    decay 0, 3 % linear warm-up then linear decay, seed 0, one epoch, no reporting, `use_cpu` when there is no
+    accelerator, DDP's `find_unused_parameters` only for the stages that train the projector (a batch without
+    images leaves it unused; the diffusion stage uses every trainable weight in every step), and
+    `remove_unused_columns=False`: the collator needs the raw `messages` / `images`.
     """
     spec = get_stage(stage)
-    values = dict(
-        output_dir=output_dir,
+    return dict(
         learning_rate=LORA_LEARNING_RATE if lora else spec.learning_rate,
         max_grad_norm=spec.max_grad_norm,
         optim="adamw_torch",
@@ -327,8 +327,14 @@ def stage_training_arguments(stage: str, output_dir: str, *, lora: bool = False,
         # Without it, processes started by torchrun on a machine with no accelerator each train alone.
         use_cpu=not torch.accelerator.is_available(),
         ddp_find_unused_parameters="img_projector" in spec.trainable,
+        remove_unused_columns=False,
     )
-    values.update(overrides)
+
+
+def stage_training_arguments(stage: str, output_dir: str, *, lora: bool = False, **overrides) -> TrainingArguments:
+    """`TrainingArguments` with the defaults of `stage` (`stage_defaults`); keyword arguments override them, except
+    `remove_unused_columns`, which is always False."""
+    values = {**stage_defaults(stage, lora=lora), "output_dir": output_dir, **overrides}
     values["remove_unused_columns"] = False
     return TrainingArguments(**values)
 
@@ -609,6 +615,7 @@ __all__ = [
     "read_image",
     "remove_machine_local_keys",
     "save_final_model",
+    "stage_defaults",
     "stage_training_arguments",
     "usual_permissions",
     "validate_samples",

@@ -140,18 +140,29 @@ def test_dual_masking_is_refused_outside_the_diffusion_stage(finetune, tmp_path)
                            "--mask_strategy", "dual"])  # fmt: skip
 
 
-def test_command_line_reads_resume_flag_as_a_bool_and_ddp_flag(tmp_path):
+def test_command_line_is_training_arguments_with_the_stage_defaults(tmp_path):
     script = load_finetune_script()
+    base = ["--model", "m", "--data", "d.json", "--output_dir", "o"]
+    dimple, training = script.parse_args(base + ["--stage", "ar", "--lora"])
+    assert dimple.lora is True and training.learning_rate == LORA_LEARNING_RATE
+    for stage in ("align", "ar", "diffusion"):
+        expected = stage_training_arguments(stage, "o", per_device_train_batch_size=1, logging_steps=10)
+        _, training = script.parse_args(base + ["--stage", stage])
+        assert training.to_dict() == expected.to_dict(), stage
+    # a value given on the command line wins over the stage's default; TrainingArguments' own options pass through
+    _, training = script.parse_args(base + ["--stage", "diffusion", "--learning_rate", "3e-4", "--max_grad_norm",
+                                            "0.5", "--bf16", "false", "--hub_model_id", "me/m"])  # fmt: skip
+    assert (training.learning_rate, training.max_grad_norm, training.hub_model_id) == (3e-4, 0.5, "me/m")
+    assert training.remove_unused_columns is False
     parse = script.parse_args
-    base = ["--model", "m", "--data", "d.json", "--stage", "ar", "--output_dir", "o"]
-    lora = script.training_overrides(parse(base + ["--lora"]))
-    assert stage_training_arguments("ar", str(tmp_path), **lora).learning_rate == LORA_LEARNING_RATE
-    assert parse(base + ["--resume_from_checkpoint", "True"]).resume_from_checkpoint is True
-    assert parse(base + ["--resume_from_checkpoint", "false"]).resume_from_checkpoint is None
-    assert parse(base + ["--resume_from_checkpoint", "o/checkpoint-2"]).resume_from_checkpoint == "o/checkpoint-2"
-    assert parse(base + ["--ddp_find_unused_parameters", "false"]).ddp_find_unused_parameters is False
+    resume = [parse(base + ["--stage", "ar", "--resume_from_checkpoint", value])[1].resume_from_checkpoint
+              for value in ("True", "false", "o/checkpoint-2")]  # fmt: skip
+    assert [script.checkpoint_or_last(value) for value in resume] == [True, None, "o/checkpoint-2"]
+    assert parse(base + ["--stage", "ar", "--ddp_find_unused_parameters", "false"])[1].ddp_find_unused_parameters is False
     with pytest.raises(SystemExit):
-        parse(base + ["--ddp_find_unused_parameters", "maybe"])
+        parse(base + ["--stage", "ar", "--ddp_find_unused_parameters", "maybe"])
+    with pytest.raises(SystemExit):
+        parse(base + ["--stage", "pretrain"])
 
 
 def test_lora_learning_rate_and_unused_parameter_defaults(tmp_path):
