@@ -48,6 +48,7 @@ EIGHT_BIT_MAX = 255
 SIXTEEN_BIT_MAX = 65535
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 URL_PREFIXES = ("http://", "https://")
+ORIENTATION_TAG = 0x0112  # EXIF
 
 
 class DimpleImageProcessor(Qwen2VLImageProcessorPil):
@@ -253,24 +254,38 @@ def _eight_bit_array(array: np.ndarray, what: str) -> np.ndarray:
     return np.round(array.astype(np.float64) * (EIGHT_BIT_MAX / scale)).astype(np.uint8)
 
 
+def image_size(source, image_folder=None) -> tuple[int, int]:
+    """(width, height) of the picture `read_image` would give, from the file's header (nothing decoded)."""
+    image = _open_unoriented(source, image_folder)
+    width, height = image.size
+    # EXIF orientations 5 to 8 turn the picture by 90 degrees.
+    rotated = not isinstance(source, Image.Image) and image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    return (height, width) if rotated else (width, height)
+
+
 def _open_image(source, image_folder=None) -> Image.Image:
+    image = _open_unoriented(source, image_folder)
+    # Files are turned upright as transformers' `load_image` does; an image object is taken as it is.
+    return image if isinstance(source, Image.Image) else ImageOps.exif_transpose(image)
+
+
+def _open_unoriented(source, image_folder=None) -> Image.Image:
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray)):
-        return ImageOps.exif_transpose(Image.open(io.BytesIO(source)))
+        return Image.open(io.BytesIO(source))
     if isinstance(source, str) and source.startswith(URL_PREFIXES):
         import httpx
 
-        return ImageOps.exif_transpose(Image.open(io.BytesIO(httpx.get(source, follow_redirects=True).content)))
+        return Image.open(io.BytesIO(httpx.get(source, follow_redirects=True).content))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if image_folder is not None and not path.is_absolute():
             path = Path(image_folder) / path
         encoded = _base64_bytes(source) if isinstance(source, str) and not path.is_file() else None
-        image = Image.open(io.BytesIO(encoded) if encoded else path)
-        return ImageOps.exif_transpose(image)
+        return Image.open(io.BytesIO(encoded) if encoded else path)
     raise TypeError(
         f"Unsupported image source of type {type(source).__name__}; pass a path, URL, base64 string, bytes or image."
     )
@@ -375,4 +390,4 @@ def _patchify_video(video: np.ndarray, patch_size: int, merge_size: int, tempora
 
 DimpleImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["DimpleImageProcessor", "read_image", "to_eight_bit"]
+__all__ = ["DimpleImageProcessor", "image_size", "read_image", "to_eight_bit"]

@@ -61,6 +61,7 @@ def write_model_card(
     folder,
     *,
     kind: str,
+    name: Optional[str] = None,
     repo_id: Optional[str] = None,
     base_model: Optional[str] = None,
     training: Optional[Mapping[str, object]] = None,
@@ -70,9 +71,10 @@ def write_model_card(
 
     `training` holds facts about how the weights were made (stage, data size, epochs, ...), `evaluation` the scores
     measured on them; each becomes a table. `base_model` is the Hub id (or path) the weights were trained from.
-    `repo_id` is what the usage snippet loads (the Hub id, or the path from where the snippet runs, e.g.
-    `checkpoints/dimple-shapes` for the shipped card, which runs from the repository root); default: the folder name.
-    The snippet draws its own picture, so it runs as copied wherever the model loads.
+    `name` (default: the folder's name) is the card's title and, unless `repo_id` is given, the id its snippet loads:
+    the Hub id to push to. `repo_id` is what the snippet loads when that differs (e.g. `checkpoints/dimple-shapes`
+    for the shipped card, which runs from the repository root). The snippet draws its own picture, so it runs as
+    copied wherever the model loads.
     """
     if kind not in SUMMARY:
         raise ValueError(f"kind={kind!r} is not a Dimple model-card kind; use one of {sorted(SUMMARY)}.")
@@ -84,8 +86,8 @@ def write_model_card(
         tags=TAGS,
         base_model=base_model,
     )
-    body = _body(folder.name, repo_id or folder.name, kind, training, evaluation)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    title = name or folder.name
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(title, repo_id or title, kind, training, evaluation)}")
     card.save(folder / "README.md")
     return card
 

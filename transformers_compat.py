@@ -67,6 +67,7 @@ from transformers.image_utils import ImageType, get_image_type  # noqa: E402
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast  # noqa: E402
 from transformers.models.auto.tokenization_auto import get_tokenizer_config  # noqa: E402
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX  # noqa: E402
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # noqa: E402
 from transformers.processing_utils import ProcessorMixin  # noqa: E402
 from transformers.utils import ModelOutput, cached_file  # noqa: E402
 from transformers.video_utils import make_batched_videos  # noqa: E402
@@ -105,7 +106,6 @@ OVERRIDDEN_HOOKS = {
     "processing_dimple.DimpleProcessor.validate_inputs": "ProcessorMixin.__call__",
     "processing_dimple.DimpleProcessor.replace_image_token": "ProcessorMixin.__call__: one pad per vision token",
     "processing_dimple.DimpleProcessor._process_videos": "ProcessorMixin.__call__: videos through the image processor",
-    "training_dimple.DimpleTrainer.compute_loss": "Trainer.training_step",
     "training_dimple.DimpleTrainer.save_model": "Trainer's checkpointing and the end of training",
     "training_dimple.CollatorEpochCallback.on_epoch_begin": "Trainer's callback handler",
 }  # fmt: skip
@@ -283,6 +283,7 @@ __all__ = [
     "output_cache",
     "remote_class",
     "serve_internals",
+    "smart_resize",
     "standard_generation_defaults",
     "warn_old_cache_name",
 ]

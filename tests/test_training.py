@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_IDS, make_tiny_model
@@ -112,10 +113,6 @@ def toy_samples():
     ]
 
 
-def model_inputs(batch):
-    return {key: value for key, value in batch.items() if key != "answer_mask"}
-
-
 # --------------------------------------------------------------------------------------------------- collator
 
 
@@ -136,8 +133,8 @@ def test_collator_two_turns_two_images_by_hand(processor):
     pad = len(ids) - len(short)
     assert batch["input_ids"].tolist() == [ids, short + [PAD] * pad]
     assert batch["labels"].tolist() == [labels, [-100] * (len(short) - 3) + [W["red"], PAD, PAD] + [-100] * pad]
-    short_answer = [False] * (len(short) - 3) + [True] * 3 + [False] * pad
-    assert batch["answer_mask"].tolist() == [[bool(a) for a in answer], short_answer]
+    assert collator.encode(two_turn_sample()).answer_mask.tolist() == [bool(a) for a in answer]
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw"}  # model inputs
     assert batch["attention_mask"].tolist() == [[1] * len(ids), [1] * len(short) + [0] * pad]
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
     reference = DimpleImageProcessor()(images=two_turn_sample()["images"], return_tensors="pt")
@@ -187,7 +184,7 @@ def test_sixteen_bit_png_trains_as_its_eight_bit_version(processor, tmp_path):
     # A gradient, so that a clipped (white) or stretched picture would differ from the 8-bit one.
     gray = Image.fromarray((torch.arange(56 * 84).reshape(56, 84) % 251).to(torch.uint8).numpy())
     gray.save(tmp_path / "eight.png")
-    values = (torch.tensor(list(gray.getdata()), dtype=torch.int32).reshape(56, 84) * 257).numpy().astype("<u2")
+    values = (torch.tensor(np.asarray(gray), dtype=torch.int32) * 257).numpy().astype("<u2")
     Image.frombytes("I;16", gray.size, values.tobytes()).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
 
@@ -215,26 +212,49 @@ def test_dynamic_answer_padding_draws_the_whole_range(processor, words, bound):
     assert totals == set(range(words + 1, bound + 1))
 
 
-def test_truncation_never_splits_an_image_block(processor):
+def test_over_long_sample_is_refused_naming_what_the_cut_would_remove(processor):
     sample = {
         "messages": [{"role": "user", "content": "What is it ?"}, {"role": "assistant", "content": "red"},
                      {"role": "user", "content": "<image>"}, {"role": "assistant", "content": "dog"}],
         "images": [picture(56, 56)],
     }  # fmt: skip
-    full = DimpleDataCollator(processor, max_length=1024)([sample])["input_ids"][0].tolist()
-    start, end = full.index(VS), full.index(VE)
-    cut = DimpleDataCollator(processor, max_length=start + 3)([sample])  # inside the block: cut before it
-    assert cut["input_ids"].tolist() == [full[:start]] and "pixel_values" not in cut
-    kept = DimpleDataCollator(processor, max_length=end + 1)([sample])
-    assert kept["input_ids"].tolist() == [full[: end + 1]]
-    assert kept["pixel_values"].shape == (16, 1176)
+    full = DimpleDataCollator(processor, answer_padding="fixed", fixed_answer_length=2)([sample])["input_ids"][0]
+    start = full.tolist().index(VS)
+    question_end = len(full) - 2  # the second answer: "dog" and one pad
+    inside_image = DimpleDataCollator(processor, max_length=start + 3, answer_padding="fixed", fixed_answer_length=2)
+    message = (
+        rf"Sample 0: {len(full)} tokens \(images expanded, each answer with one pad\) > max_length={start + 3}; the "
+        rf"cut would remove question 2 \({question_end - start - 3} of \d+ tokens\), image 1 \(3 of 6 tokens\), "
+        r"answer 2 \(all 2 of 2 tokens\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        inside_image([sample])
+    inside_image.truncate_answers = True  # never inside an image, even when asked to cut answers
+    with pytest.raises(ValueError, match=message):
+        inside_image([sample])
 
 
-def test_max_length_that_leaves_no_answer_token_is_an_error(processor):
-    sample = {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "red"}],
+def test_truncate_answers_cuts_the_last_answer_end_only(processor):
+    sample = {"messages": [{"role": "user", "content": "<image>"},
+                           {"role": "assistant", "content": "a red cat and a dog"}],
               "images": [picture(56, 56)]}  # fmt: skip
-    with pytest.raises(ValueError, match="max_length=16 cuts off every answer token"):
-        DimpleDataCollator(processor, max_length=16)([sample])
+    options = dict(answer_padding="fixed", fixed_answer_length=8)
+    full = DimpleDataCollator(processor, **options)([sample])
+    cut = DimpleDataCollator(processor, max_length=len(full["input_ids"][0]) - 5, truncate_answers=True, **options)
+    batch = cut([sample])
+    # The answer loses its 2 pads and its last 3 words; the image and the rest are kept whole.
+    assert batch["input_ids"][0].tolist() == full["input_ids"][0, :-5].tolist()
+    assert batch["input_ids"][0, -3:].tolist() == [W["a"], W["red"], W["cat"]]
+    assert torch.equal(batch["pixel_values"], full["pixel_values"])
+
+
+def test_dynamic_padding_is_shortened_to_fit_max_length(processor):
+    sample = text_sample(" ".join(["a"] * 5))  # 5 answer tokens, padding drawn up to 8
+    shortest = len(DimpleDataCollator(processor).encode(sample, generator=torch.Generator()).input_ids)
+    collator = DimpleDataCollator(processor, max_length=shortest - 5 + 6)  # room for the answer and one pad
+    for seed in range(20):
+        encoded = collator.encode(sample, generator=torch.Generator().manual_seed(seed))
+        assert len(encoded.input_ids) <= shortest - 5 + 6 and encoded.input_ids[-1] == PAD
 
 
 def test_empty_image_is_named(processor):
@@ -335,7 +355,8 @@ def test_dual_masking_masks_every_answer_token_exactly_once(processor):
     )(samples)
     assert batch["input_ids"].shape[0] == 4
     hits = batch["input_ids"] == MASK
-    assert torch.equal(hits[:2].int() + hits[2:].int(), plain["answer_mask"].int())
+    # in the AR view (fixed padding, nothing masked), the scored positions are exactly the answers and their pads
+    assert torch.equal(hits[:2].int() + hits[2:].int(), (plain["labels"] != -100).int())
     for copy in (slice(0, 2), slice(2, 4)):
         assert torch.equal(batch["labels"][copy][hits[copy]], plain["input_ids"][hits[copy]])
         assert (batch["labels"][copy][~hits[copy]] == -100).all()
@@ -353,7 +374,7 @@ def test_diffusion_loss_equals_hand_computation(processor):
     options = dict(answer_padding="fixed", fixed_answer_length=4)
     original = DimpleDataCollator(processor, **options)(samples)["input_ids"]
     batch = DimpleDataCollator(processor, objective="diffusion", seed=5, **options)(samples)
-    output = model(**model_inputs(batch))
+    output = model(**batch)
 
     masked = (batch["input_ids"] == MASK).nonzero().tolist()
     assert len(masked) > 1
@@ -369,7 +390,7 @@ def test_batch_without_masked_tokens_gives_zero_loss_and_a_valid_graph(processor
     labels = torch.full_like(batch["labels"], -100)
     for count in (None, torch.tensor(0)):
         model.zero_grad()
-        loss = model(**model_inputs(batch) | {"labels": labels}, num_items_in_batch=count).loss
+        loss = model(**batch | {"labels": labels}, num_items_in_batch=count).loss
         assert loss.item() == 0.0 and loss.requires_grad
         loss.backward()
         grads = [param.grad for param in model.parameters() if param.grad is not None]
@@ -379,17 +400,17 @@ def test_batch_without_masked_tokens_gives_zero_loss_and_a_valid_graph(processor
 def test_ar_loss_equals_transformers_causal_lm_loss(processor):
     model = configure_stage(make_tiny_model(), "ar")
     batch = DimpleDataCollator(processor, seed=2)([two_turn_sample(), text_sample()])
-    output = model(**model_inputs(batch))
+    output = model(**batch)
     vocab = model.config.vocab_size
     torch.testing.assert_close(output.loss, ForCausalLMLoss(output.logits, batch["labels"], vocab))
     count = torch.tensor(11)
-    summed = model(**model_inputs(batch), num_items_in_batch=count).loss
+    summed = model(**batch, num_items_in_batch=count).loss
     torch.testing.assert_close(summed, ForCausalLMLoss(output.logits, batch["labels"], vocab, num_items_in_batch=count))
 
 
 def test_ar_stage_is_causal_and_diffusion_stage_is_not(processor):
     model = make_tiny_model()
-    batch = model_inputs(DimpleDataCollator(processor)([two_turn_sample()]))
+    batch = DimpleDataCollator(processor)([two_turn_sample()])
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][0, -2] = W["green"]
     with torch.no_grad():
@@ -423,7 +444,7 @@ def test_stage_freezing_attention_and_defaults(tmp_path, stage, trainable, full_
 def eval_loss(model, batch):
     model.eval()
     with torch.no_grad():
-        return model(**model_inputs(batch)).loss.item()
+        return model(**batch).loss.item()
 
 
 @pytest.mark.parametrize("stage", ["ar", "diffusion"])
@@ -475,7 +496,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor):
         if checkpointing:
             model.activation_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
-        model(**model_inputs(batch)).loss.backward()
+        model(**batch).loss.backward()
         return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
 
     plain, checkpointed = gradients(False), gradients(True)

@@ -89,7 +89,6 @@ def main(argv=None):
         for start in range(0, len(binding), 100):
             batch = collate_eval([sample(e) for e in binding[start:start + 100]])
             labels = batch.pop("labels")[:, 1:]
-            batch.pop("answer_mask")
             predicted = model(**batch).logits[:, :-1].argmax(-1)
             checked = (labels != -100) & (labels != collate.pad_token_id)
             right += ((predicted == labels) | ~checked).all(-1).sum().item()
@@ -105,7 +104,6 @@ def main(argv=None):
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = collate([sample(draw()) for _ in range(32)])
-        batch.pop("answer_mask")
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
