@@ -607,5 +607,5 @@ def test_hub_model_id_names_the_card(processor, tmp_path):
     load_finetune_script().main(finetune_cli(base, data, images, tmp_path / "out", "ar", "--save_steps", "5",
                                              "--hub_model_id", "me/my-dimple", "--base_model_id", "org/dimple-base"))  # fmt: skip
     card = (tmp_path / "out" / "final" / "README.md").read_text()
-    assert "# me/my-dimple\n" in card and 'AutoModel.from_pretrained("me/my-dimple"' in card
+    assert "# me/my-dimple\n" in card and 'AutoModelForImageTextToText.from_pretrained("me/my-dimple"' in card
     assert "base_model: org/dimple-base" in card and "| base model | org/dimple-base |" in card
