@@ -390,6 +390,15 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
 
+    def sequence_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Boolean `[B, 1, S, S]` mask (the configured attention kind) of a whole sequence from its 2-D 0/1 mask, for
+        callers that run the same sequence many times (diffusion decoding builds it once per call and passes row
+        slices to every pass); None where the attention takes the 2-D mask itself (flash kernels)."""
+        if self.config._attn_implementation.startswith("flash_attention"):
+            return None
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        return attention_mask_4d(attention_mask, positions, self.config.full_attn_mask)
+
     def _embed_inputs(self, input_ids, inputs_embeds=None, vision_flags=None, **visual):
         """Token embeddings with the image/video features in their placeholder slots, the placeholder layout
         (`input_ids`, or the ids recovered from `inputs_embeds` when vision inputs need it; else None), and the vision
