@@ -80,10 +80,6 @@ class DimplePreTrainedModel(PreTrainedModel):
     # dim 40), which `from_pretrained` otherwise leaves as uninitialised memory after building on the meta device.
 
 
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "image_features", "pixel_values_videos", "video_grid_thw",
-               "video_features")
-
-
 @dataclass(frozen=True)
 class VisionKind:
     """One kind of visual input (images, videos): its input names, placeholder token id and name in messages."""
@@ -412,13 +408,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             inputs_embeds = self.model.embed_tokens(input_ids)
         elif any(value is not None for value in visual.values()):
             placeholders = self.placeholder_ids(inputs_embeds)
-        visual = {**dict.fromkeys(VISUAL_KEYS), **visual}
         encoded = {}
         for kind in self.vision_kinds:
-            features = visual[kind.features]
-            if visual[kind.pixels] is not None and features is None:
+            features = visual.get(kind.features)
+            if visual.get(kind.pixels) is not None and features is None:
                 encoded[kind.name] = self._encode_visual(
-                    visual[kind.pixels], visual[kind.grid], kind, return_dict=True, **(vision_flags or {})
+                    visual[kind.pixels], visual.get(kind.grid), kind, return_dict=True, **(vision_flags or {})
                 )
                 features = torch.cat(encoded[kind.name].pooler_output)
             if features is not None:
