@@ -453,8 +453,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 omitted (with a non-empty cache: sequence index + `rope_deltas`; the current tokens follow the cached
                 ones). Positions that restart at 0 inside a row mark packed sequences (padding-free batches, e.g.
                 `DataCollatorWithFlattening`): each attends only to itself.
-            cache (`Cache`): keys/values of earlier tokens; `past_key_values=` is the same argument under its name
-                before transformers 5.24.
+            cache (`Cache`): keys/values of earlier tokens (dynamic or static); `past_key_values=` is the same
+                argument under its name before transformers 5.24 (from 5.24 on it warns, as native models do).
             inputs_embeds (`[B, S, H]`): instead of `input_ids`; vision placeholders are found by their embeddings.
             pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
             image_features / video_features: precomputed projected features (`torch.cat` of `get_image_features(
