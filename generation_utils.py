@@ -4,8 +4,9 @@
 config selects), plus the streamer that shows whole-batch canvases.
 
 How a slot is chosen (sampling, schedules, rankings, the `Algorithm` records, one `denoising_step`) is
-`denoising_dimple.py`; its public names are re-exported here. With the prefill cache, [`cached_denoising_pass`] is
-forward + step, compiled as one graph by `compile_step=True`. The model side of the autoregressive `generate`
+`denoising_dimple.py`; its public names are re-exported here. [`whole_denoising_pass`] (step 0, refreshes) and,
+with the prefill cache, [`cached_denoising_pass`] are forward + step, each compiled as one graph by
+`compile_step=True`. The model side of the autoregressive `generate`
 (M-RoPE positions, per-prompt images, masks for a static cache) lives in `modeling_dimple.py`.
 
 The mixin asks the model for: `get_rope_index`, `embed_prompt` (token embeddings with the vision features in place),
@@ -16,6 +17,7 @@ import copy
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,11 +165,11 @@ class DimpleGenerationConfig(GenerationConfig):
             once at step 0 and reused; later steps run only the answer plus the last prompt token.
         cache_refresh_interval (`int`, defaults to 0): with `use_cache`, recompute the whole sequence (and the cached
             prompt) every k steps, so the prompt sees the current answer; 0 never refreshes (the released behaviour).
-        compile_step (`bool`, defaults to `False`): with `use_cache`, run each cached step (the forward of the N
-            answer slots against the prompt cache, then the slot selection) as one `torch.compile(fullgraph=True)`
+        compile_step (`bool`, defaults to `False`): with `use_cache`, run each pass (the first, whole-sequence
+            pass and each cached step: the forward, then the slot selection) as one `torch.compile(fullgraph=True)`
             graph; on CUDA with `mode="reduce-overhead"`, which captures it as a CUDA graph and replays it. Same
-            tokens as the eager step; removes the Python and launch overhead that dominates small steps. The first
-            call of a new shape compiles (tens of seconds).
+            tokens as the eager passes; removes the Python and launch overhead that dominates small steps. The first
+            call of a new shape compiles (tens of seconds). A `generation_logits_hook_func` runs the eager passes.
         num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
             random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
         output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each
@@ -516,6 +518,8 @@ class DiffusionBatch:
     prompt_embeds: torch.Tensor  # [B, P, H] prompt embeddings with the vision features in place
     prompt: torch.LongTensor  # [B, P] the prompt as the caller gave it, returned unchanged
     aligned_prompt: torch.LongTensor  # [B, P] the left-aligned prompt, which hooks must leave unchanged
+    # [B, 1, S, S] decoder mask of the whole sequence, built once per call (None: the attention takes the 2-D mask)
+    decoder_mask: torch.Tensor | None = None
 
     @property
     def prompt_length(self) -> int:
@@ -643,6 +647,15 @@ class PrefixCache(DynamicCache):
         return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
+def whole_denoising_pass(model, batch, cache: DynamicCache | None, answer, inputs: StepInputs):
+    """A whole step (step 0, a cache refresh, every step without the cache): the prompt from its embeddings and the
+    N answer slots, the prompt's keys/values kept in `cache` when one is given, then [`denoising_step`]. Returns
+    (new answer, slots committed per row, answer logits)."""
+    logits = model.score_answer_slots(batch, answer, 0, cache)
+    answer, committed = denoising_step(answer, logits, inputs)
+    return answer, committed, logits
+
+
 def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: StepInputs):
     """A whole cached step: the last prompt token and the N answer slots against the cached prompt prefix (spec
     5.8), then [`denoising_step`]. Returns (new answer, slots committed per row, answer logits).
@@ -655,12 +668,53 @@ def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: Ste
     return answer, committed, logits
 
 
+@dataclass(frozen=True)
+class DenoisingPasses:
+    """The two kinds of pass a call runs: `whole` (`whole_denoising_pass`) and `cached` (`cached_denoising_pass`)."""
+
+    whole: Callable
+    cached: Callable
+    compiled: bool = False
+
+    def for_one_call(self) -> "DenoisingPasses":
+        """Compiled passes whose guards are evaluated at their first call in this `diffusion_generate` call only."""
+        if not self.compiled:
+            return self
+        return DenoisingPasses(GuardsCheckedOnce(self.whole), GuardsCheckedOnce(self.cached), compiled=True)
+
+
+EAGER_PASSES = DenoisingPasses(whole_denoising_pass, cached_denoising_pass)
+
+
 @functools.cache
-def compiled_denoising_pass(device_type: str):
-    """`cached_denoising_pass` under `torch.compile(fullgraph=True)`; on CUDA with `mode="reduce-overhead"`, whose
-    CUDA-graph capture and replay replaces the hand-written capture of earlier versions (same graph, kept by torch)."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(cached_denoising_pass, fullgraph=True, mode=mode)
+def compiled_passes(device_type: str) -> DenoisingPasses:
+    """`compile_step=True`: both passes under `torch.compile(fullgraph=True)`, one graph each per call shape. On CUDA
+    with `mode="reduce-overhead"`: CUDA graphs, captured and replayed by torch. Elsewhere the graph's kernels are
+    called from inductor's C++ wrapper instead of its Python one (per-call Python overhead is much of a small step).
+    The same option and code path everywhere; only the backend's settings differ."""
+    settings = {"mode": "reduce-overhead"} if device_type == "cuda" else {"options": {"cpp_wrapper": True}}
+    return DenoisingPasses(
+        torch.compile(whole_denoising_pass, fullgraph=True, **settings),
+        torch.compile(cached_denoising_pass, fullgraph=True, **settings),
+        compiled=True,
+    )
+
+
+class GuardsCheckedOnce:
+    """A compiled pass that checks its guards (the conditions under which the compiled graph is valid) at its first
+    call only. Within one `diffusion_generate` call every pass of a kind gets the same objects, settings and shapes
+    (only tensor values change, in place), so the checks that follow could only repeat the first one's answer; on a
+    small model they cost about as much as the graph itself. The next call starts with a new wrapper."""
+
+    def __init__(self, compiled: Callable):
+        self.compiled, self.checked = compiled, False
+
+    def __call__(self, *args):
+        if not self.checked:
+            self.checked = True
+            return self.compiled(*args)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.compiled(*args)
 
 
 class CommitScores:
@@ -887,7 +941,7 @@ class DimpleGenerationMixin(GenerationMixin):
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
-        cached_pass = compiled_denoising_pass(self.device.type) if config.compile_step else cached_denoising_pass
+        passes = (compiled_passes(self.device.type) if config.compile_step else EAGER_PASSES).for_one_call()
         hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
         returns_dict = config.return_dict_in_generate
         commit_scores = CommitScores(batch.answer, rules) if returns_dict else None
@@ -907,7 +961,7 @@ class DimpleGenerationMixin(GenerationMixin):
             inputs = StepInputs(step_index[step], total_masks, timesteps, draws, rules, noise)
             if hooked or schedule_can_commit(batch.answer, inputs):
                 answer, committed, logits, prefix = self._denoising_pass(
-                    batch, prefix, step, inputs, config, cached_pass, generation_logits_hook_func
+                    batch, prefix, step, inputs, config, passes, generation_logits_hook_func
                 )
                 answer = torch.where(finished[:, None], batch.answer, answer)  # a stopped row stays as it stopped
                 committed = torch.where(finished, 0, committed)
@@ -942,24 +996,28 @@ class DimpleGenerationMixin(GenerationMixin):
             logits=commit_scores.logits() if config.output_logits else None,
         )
 
-    def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, cached_pass, logits_hook):
+    def _denoising_pass(self, batch, prefix, step: int, inputs: StepInputs, config, passes, logits_hook):
         """One step: the forward pass and [`denoising_step`]. Returns (new answer, slots committed per row, answer
         logits, prefix cache).
 
-        The one place that decides which forward runs: the answer against the cached prompt (spec 5.8; the compiled
-        pass when no hook needs the logits in between), or the whole sequence (no cache yet, no cache at all, or a
-        refresh), which fills or refills the prompt cache.
+        The one place that decides which forward runs: the answer against the cached prompt (spec 5.8), or the whole
+        sequence (no cache yet, no cache at all, or a refresh), which fills or refills the prompt cache. Without a
+        logits hook, forward and step run as one pass (compiled by `compile_step`).
         """
-        if prefix is not None and not self._runs_whole_sequence(step, config):
-            if logits_hook is None:
-                if config.compile_step and self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-                return (*cached_pass(self, batch, prefix, batch.answer, inputs), prefix)
+        cached = prefix is not None and not self._runs_whole_sequence(step, config)
+        if logits_hook is None:
+            if passes.compiled and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            if cached:
+                return (*passes.cached(self, batch, prefix, batch.answer, inputs), prefix)
+            cache = DynamicCache(config=self.config) if config.use_cache else None
+            answer, committed, logits = passes.whole(self, batch, cache, batch.answer, inputs)
+            return answer, committed, logits, self._kept_prefix(batch, cache, prefix)
+        if cached:
             logits = self.score_answer_slots(batch, batch.answer, batch.prompt_length - 1, prefix)
         else:
             logits, prefix = self._whole_sequence_logits(batch, prefix, config)
-        if logits_hook is not None:
-            logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
+        logits = check_hook_output("generation_logits_hook_func", logits_hook(step, batch.x, logits), logits)
         return (*denoising_step(batch.answer, logits, inputs), logits, prefix)
 
     def _visual_inputs(self, model_inputs: dict) -> dict:
@@ -1029,6 +1087,7 @@ class DimpleGenerationMixin(GenerationMixin):
             prompt_embeds=self._prompt_embeddings(prompt, visual),
             prompt=input_ids,
             aligned_prompt=prompt.clone(),
+            decoder_mask=self.sequence_mask(full_mask),
         )
         return self._repeat_rows(batch, config.num_return_sequences)
 
@@ -1049,6 +1108,7 @@ class DimpleGenerationMixin(GenerationMixin):
             prompt_embeds=batch.prompt_embeds.repeat_interleave(times, 0),
             prompt=batch.prompt.repeat_interleave(times, 0),
             aligned_prompt=batch.aligned_prompt.repeat_interleave(times, 0),
+            decoder_mask=None if batch.decoder_mask is None else batch.decoder_mask.repeat_interleave(times, 0),
         )
 
     def _checked_tokens(self, x, batch: DiffusionBatch) -> torch.LongTensor:
@@ -1070,12 +1130,18 @@ class DimpleGenerationMixin(GenerationMixin):
         refilled in place at a refresh; None without `use_cache`)."""
         cache = DynamicCache(config=self.config) if config.use_cache else None
         logits = self.score_answer_slots(batch, batch.answer, start=0, cache=cache)
+        return logits, self._kept_prefix(batch, cache, prefix)
+
+    @staticmethod
+    def _kept_prefix(batch: DiffusionBatch, cache: DynamicCache | None, prefix: PrefixCache | None):
+        """The prompt prefix the cached steps attend to, from a whole pass's cache: new at step 0, refilled in place
+        at each refresh (its tensors keep their addresses, as CUDA graphs need); None without the cache."""
         if cache is None:
-            return logits, None
+            return None
         if prefix is None:
-            return logits, PrefixCache.from_cache(cache, batch.prompt_length - 1)
+            return PrefixCache.from_cache(cache, batch.prompt_length - 1)
         prefix.refill(cache)
-        return logits, prefix
+        return prefix
 
     def score_answer_slots(self, batch: DiffusionBatch, answer, start: int, cache) -> torch.Tensor:
         """Logits `[B, N, V]` scoring the N answer slots (the output at position i predicts token i + 1): run tokens
@@ -1083,9 +1149,10 @@ class DimpleGenerationMixin(GenerationMixin):
         prompt_length, total = batch.prompt_length, batch.x.shape[1]
         embeds = torch.cat([batch.prompt_embeds[:, start:], self.get_input_embeddings()(answer)], dim=1)
         device = embeds.device
+        mask = batch.attention_mask if batch.decoder_mask is None else batch.decoder_mask[:, :, start:]
         return self(
             inputs_embeds=embeds,
-            attention_mask=batch.attention_mask,
+            attention_mask=mask,
             position_ids=batch.position_ids[:, :, start:],
             use_cache=cache is not None,
             **cache_kwarg(cache),

@@ -3,7 +3,8 @@
 Reports, for one batch of text prompts, the forward passes per answer token and the wall time of confident decoding
 (dim pipeline, threshold gamma) against the same decoder without a threshold (one slot per step, steps = N), each
 with and without the prefix cache, and the time per denoising step with vs without the cache. All numbers come from
-the same run; each setting is timed `--repeats` times after a warm-up and the median is kept. Prints a markdown table.
+the same run: the four calls are timed in turn, round after round (`--rounds`, after a warm-up round), and each time
+is the median with [min-max] over the rounds; ratios are taken within a round. Prints a markdown table.
 
     python bench/bench_generation_cpu.py                                  # small random model
     python bench/bench_generation_cpu.py --model checkpoints/dimple-shapes --logit-scale 1
@@ -17,16 +18,17 @@ checkpoint needs no scaling.
 """
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configuration_dimple import DimpleConfig  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
+from timing import interleaved, per_round, spread  # noqa: E402
 
 SPECIAL_IDS = dict(
     pad_token_id=4090,
@@ -78,15 +80,10 @@ def random_prompts(config, batch: int, length: int) -> torch.LongTensor:
     return torch.randint(0, min(specials + [config.vocab_size]), (batch, length), generator=generator)
 
 
-def timed(model, prompts, repeats: int, **settings):
-    model.diffusion_generate(prompts, **settings)  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        out = model.diffusion_generate(prompts, **settings)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def seeded(call):
+    """`call()` from the same random state every time (the same random decoding in every round)."""
+    torch.manual_seed(0)
+    return call()
 
 
 def main():
@@ -98,7 +95,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--alg", default="origin")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is stable on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,40 +107,40 @@ def main():
     base = dict(max_new_tokens=n, steps=n, alg=args.alg, return_dict_in_generate=True)
     decoders = {"confident (gamma=%g)" % args.threshold: dict(alg_p_threshold=args.threshold), "one slot per step": {}}
 
-    results = {}
+    calls, passes = {}, {}
     for name, decoder in decoders.items():
         for use_cache in (False, True):
-            seconds, out = timed(model, prompts, args.repeats, use_cache=use_cache, **base, **decoder)
-            passes = int(out.num_forward_passes.max())
-            results[name, use_cache] = (passes, seconds)
-
+            call = functools.partial(model.diffusion_generate, prompts, use_cache=use_cache, **base, **decoder)
+            calls[name, use_cache] = functools.partial(seeded, call)
+            passes[name, use_cache] = int(calls[name, use_cache]().num_forward_passes.max())
+    times = interleaved(calls, "cpu", args.rounds)
     print(
         f"Model: {args.model or 'small random config'} (lm_head x{scale:g}), batch {args.batch}, "
         f"prompt {args.prompt_length} tokens, N = steps = {n}, alg={args.alg}, {args.threads} threads, "
-        f"median of {args.repeats}.\n"
+        f"median [min-max] of {args.rounds} interleaved rounds.\n"
     )
     print("| decoding | cache | forward passes | passes / answer token | wall time (s) | time / step (ms) |")
     print("|---|---|---|---|---|---|")
-    for (name, use_cache), (passes, seconds) in results.items():
+    for (name, use_cache), seconds in times.items():
+        count = passes[name, use_cache]
         print(
-            f"| {name} | {'on' if use_cache else 'off'} | {passes} | {passes / n:.3f} | {seconds:.3f} | "
-            f"{1000 * seconds / passes:.1f} |"
+            f"| {name} | {'on' if use_cache else 'off'} | {count} | {count / n:.3f} | {spread(seconds, digits=3)} | "
+            f"{spread(seconds, scale=1000 / count, digits=1)} |"
         )
-
     confident, single = list(decoders)
     print()
     for use_cache in (False, True):
-        (p_conf, t_conf), (p_single, t_single) = results[confident, use_cache], results[single, use_cache]
+        fewer = passes[single, use_cache] / passes[confident, use_cache]
+        faster = per_round(lambda s, c: s / c, times[single, use_cache], times[confident, use_cache])
         print(
-            f"- cache {'on' if use_cache else 'off'}: confident decoding uses {p_single / p_conf:.2f}x fewer "
-            f"forward passes and is {t_single / t_conf:.2f}x faster than one slot per step."
+            f"- cache {'on' if use_cache else 'off'}: confident decoding uses {fewer:.2f}x fewer forward passes and is "
+            f"{spread(faster, unit='x')} faster than one slot per step."
         )
     for name in decoders:
-        (p_off, t_off), (p_on, t_on) = results[name, False], results[name, True]
-        print(
-            f"- {name}: the cache makes a step {(t_off / p_off) / (t_on / p_on):.2f}x faster "
-            f"({1000 * t_off / p_off:.1f} -> {1000 * t_on / p_on:.1f} ms)."
+        per_step = per_round(
+            lambda off, on: (off / passes[name, False]) / (on / passes[name, True]), times[name, False], times[name, True]
         )
+        print(f"- {name}: the cache makes a step {spread(per_step, unit='x')} faster.")
 
 
 if __name__ == "__main__":

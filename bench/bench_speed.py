@@ -9,21 +9,23 @@ Settings are `P<prompt>/L<answer>/B<batch>` (default: P700/L64/B1, P2000/L256/B1
 ones on the CPU). Prompts are random text tokens. Per-step latency = wall time / forward passes of a
 `diffusion_generate` call whose dim fallback schedule fills the answer in `--steps` passes (no threshold, so the pass
 count is fixed). The end-to-end answer uses `--passes-per-token` x 64 passes: the measured ratio of confident
-decoding on the trained `checkpoints/dimple-shapes` (see the README) or whatever you pass. Each number is the median
-of `--repeats` timed runs after one warm-up; compare ratios within one run only.
+decoding on the trained `checkpoints/dimple-shapes` (see the README) or whatever you pass. All calls of a setting are
+timed in turn, round after round (`--rounds`, after one warm-up round), so they see the same load on a shared
+machine; each number is the median with [min-max] over the rounds, and each speed-up is taken within a round.
 """
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configuration_dimple import DimpleConfig  # noqa: E402
 from modeling_dimple import DimpleForConditionalGeneration  # noqa: E402
+from timing import interleaved, per_round, spread  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,34 +54,17 @@ def parse_setting(text: str) -> tuple[int, int, int]:
     return parts["P"], parts["L"], parts["B"]
 
 
-def seconds(fn, device: str) -> float:
-    """Wall time of one `fn()`, with the GPU's queue drained before and after."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs, after one warm-up run."""
-    fn()
-    return statistics.median(seconds(fn, device) for _ in range(repeats))
-
-
-def diffusion_step_ms(model, ids, answer, steps, device, repeats, **options) -> float:
-    """Milliseconds per forward pass of diffusion decoding with a fixed number of passes."""
+def step_call(model, ids, answer, steps, **options):
+    """A `diffusion_generate` call with a fixed number of forward passes, and that number."""
     settings = dict(max_new_tokens=answer, steps=steps, alg="maskgit_plus", return_dict_in_generate=True, **options)
     passes = int(model.diffusion_generate(ids, **settings).num_forward_passes.max())
-    return 1000 * timed(lambda: model.diffusion_generate(ids, **settings), device, repeats) / passes
+    return functools.partial(model.diffusion_generate, ids, **settings), passes
 
 
-def ar_token_ms(model, ids, answer, device, repeats) -> float:
-    """Milliseconds per token of the model's standard `generate` (greedy, KV cache, exactly `answer` tokens)."""
+def ar_call(model, ids, answer):
+    """The model's standard `generate` (greedy, KV cache, exactly `answer` tokens)."""
     settings = dict(max_new_tokens=answer, min_new_tokens=answer, do_sample=False, use_cache=True, eos_token_id=None)
-    return 1000 * timed(lambda: model.generate(ids, **settings), device, repeats) / answer
+    return functools.partial(model.generate, ids, decoding="autoregressive", **settings)
 
 
 def peak_memory_gib(model, ids, answer, device, **options) -> float | None:
@@ -90,39 +75,48 @@ def peak_memory_gib(model, ids, answer, device, **options) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_setting(model, setting, args):
+def bench_setting(model, setting, args) -> dict[str, list[float]]:
+    """Milliseconds per round of every measure of one setting; all calls interleaved round by round."""
     prompt, answer, batch = parse_setting(setting)
     text_vocab = min(model.config.vision_token_id, model.config.mask_token_id, model.config.pad_token_id) - 1
     ids = torch.randint(0, text_vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
     steps = min(args.steps, answer)
-    row = {"setting": setting}
-    row["no cache"] = diffusion_step_ms(model, ids, answer, steps, args.device, args.repeats, use_cache=False)
-    row["cache"] = diffusion_step_ms(model, ids, answer, steps, args.device, args.repeats, use_cache=True)
-    if args.device == "cuda":
-        row["cache+compile"] = diffusion_step_ms(
-            model, ids, answer, steps, args.device, args.repeats, use_cache=True, compile_step=True
-        )
-    row["AR token"] = ar_token_ms(model, ids, answer, args.device, args.repeats)
-    fastest = min(v for k, v in row.items() if k in ("cache", "cache+compile"))
-    passes = max(1, round(args.passes_per_token * 64))
-    row["64-token answer (diffusion)"] = fastest * passes
-    row["64-token answer (AR)"] = row["AR token"] * 64
-    row["peak GiB"] = peak_memory_gib(model, ids, answer, args.device, use_cache=True)
-    return row
+    variants = {"no cache": dict(use_cache=False), "cache": dict(use_cache=True)}
+    if args.compile:
+        variants["cache+compile"] = dict(use_cache=True, compile_step=True)
+    calls, passes = {}, {}
+    for name, options in variants.items():
+        calls[name], passes[name] = step_call(model, ids, answer, steps, **options)
+    calls["AR"] = ar_call(model, ids, answer)
+    times = interleaved(calls, args.device, args.rounds)
+    ms = {f"{name} step": [1000 * t / passes[name] for t in times[name]] for name in variants}
+    ms["AR token"] = [1000 * t / answer for t in times["AR"]]
+    fastest = "cache+compile step" if args.compile else "cache step"
+    answer_passes = max(1, round(args.passes_per_token * 64))
+    ms["64-token answer (diffusion)"] = [t * answer_passes for t in ms[fastest]]
+    ms["64-token answer (AR)"] = [t * 64 for t in ms["AR token"]]
+    ms["peak GiB"] = peak_memory_gib(model, ids, answer, args.device, use_cache=True)
+    return ms
 
 
-def print_table(rows, args, weights_gib):
+def print_table(results, args, weights_gib):
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nDevice: {device}; config {args.config}, {args.dtype}; weights {weights_gib:.2f} GiB; "
-          f"end-to-end diffusion uses {args.passes_per_token} passes/token; times in ms (median of {args.repeats}).\n")  # fmt: skip
-    columns = [c for c in rows[0] if c != "setting"]
-    print("| setting | " + " | ".join(columns) + " | cache speed-up | 64-token speed-up vs AR |")
-    print("|" + "---|" * (len(columns) + 3))
-    for row in rows:
-        cells = ["-" if row[c] is None else f"{row[c]:.2f}" for c in columns]
-        cache_speedup = row["no cache"] / row["cache"]
-        answer_speedup = row["64-token answer (AR)"] / row["64-token answer (diffusion)"]
-        print(f"| {row['setting']} | " + " | ".join(cells) + f" | {cache_speedup:.2f}x | {answer_speedup:.2f}x |")
+    print(f"\nDevice: {device}; config {args.config}, {args.dtype}; weights {weights_gib:.2f} GiB; end-to-end "
+          f"diffusion uses {args.passes_per_token} passes/token; ms, median [min-max] of {args.rounds} interleaved "
+          "rounds; speed-ups taken within each round.\n")  # fmt: skip
+    for setting, ms in results.items():
+        peak = ms.pop("peak GiB")
+        print(f"**{setting}**" + (f" (peak GPU memory {peak:.2f} GiB)" if peak is not None else "") + "\n")
+        print("| measure | ms |\n|---|---|")
+        for name, values in ms.items():
+            print(f"| {name} | {spread(values)} |")
+        cache = per_round(lambda n, c: n / c, ms["no cache step"], ms["cache step"])
+        answer = per_round(lambda a, d: a / d, ms["64-token answer (AR)"], ms["64-token answer (diffusion)"])
+        print(f"| cache speed-up | {spread(cache, unit='x')} |")
+        if "cache+compile step" in ms:
+            compiled = per_round(lambda c, k: c / k, ms["cache step"], ms["cache+compile step"])
+            print(f"| compile speed-up (cached step) | {spread(compiled, unit='x')} |")
+        print(f"| 64-token answer, diffusion vs AR | {spread(answer, unit='x')} |\n")
 
 
 def main(argv=None):
@@ -132,8 +126,10 @@ def main(argv=None):
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--settings", nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=16, help="forward passes per diffusion call when timing steps")
-    parser.add_argument("--passes-per-token", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--passes-per-token", type=float, default=0.21)  # shipped checkpoint, gamma = 0.9
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time compile_step=True (default: on CUDA only; compiling takes a while on a CPU)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -144,8 +140,8 @@ def main(argv=None):
         args.settings = gpu if args.device == "cuda" else ["P256/L32/B1", "P512/L64/B1", "P256/L32/B4"]
     model = build_model(args.config, args.device, getattr(torch, args.dtype))
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    rows = [bench_setting(model, setting, args) for setting in args.settings]
-    print_table(rows, args, weights)
+    args.compile = args.device == "cuda" if args.compile is None else args.compile
+    print_table({setting: bench_setting(model, setting, args) for setting in args.settings}, args, weights)
 
 
 if __name__ == "__main__":

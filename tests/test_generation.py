@@ -402,8 +402,9 @@ def test_compiled_step_needs_the_cache(tiny_model):
         run(tiny_model, max_new_tokens=4, steps=4, compile_step=True)
 
 
-def test_compiled_step_has_one_graph_and_gives_the_eager_tokens():
-    """`fullgraph=True` raises on any graph break, so this passing means the cached step is one graph."""
+def test_compiled_passes_are_one_graph_each_and_give_the_eager_tokens():
+    """`fullgraph=True` raises on any graph break, so this passing means each pass is one graph: one for the whole
+    pass (step 0 and the refresh at step 3 share it) and one for the cached step."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = confident_model().to(device)
     rows, images = mixed_prompts(model.config)
@@ -419,9 +420,20 @@ def test_compiled_step_has_one_graph_and_gives_the_eager_tokens():
     compiled = model.diffusion_generate(ids.to(device), compile_step=True, **settings)
     assert torch.equal(eager.sequences, compiled.sequences)
     assert torch.equal(eager.tokens_per_step, compiled.tokens_per_step)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before + 2
     assert (eager.num_forward_passes > 4).all()  # cached steps ran before and after the refresh at step 3
     assert (eager.tokens_per_step > 1).any()  # and the threshold fired
+
+
+def test_compiled_passes_check_their_guards_at_each_calls_first_pass():
+    """Guards are skipped after a call's first pass of each kind only: a call of another shape, and a call back at
+    the first shape, each run the graph of their own shape."""
+    model = confident_model()
+    settings = dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
+    prompts = [torch.tensor([PROMPT]), torch.tensor([PROMPT + [9, 10, 11, 12]]), torch.tensor([PROMPT])]
+    for ids in prompts:
+        eager = model.diffusion_generate(ids, **settings)
+        assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
 
 
 def test_compiled_step_draws_like_the_eager_step():

@@ -80,10 +80,6 @@ class DimplePreTrainedModel(PreTrainedModel):
     # dim 40), which `from_pretrained` otherwise leaves as uninitialised memory after building on the meta device.
 
 
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "image_features", "pixel_values_videos", "video_grid_thw",
-               "video_features")
-
-
 @dataclass(frozen=True)
 class VisionKind:
     """One kind of visual input (images, videos): its input names, placeholder token id and name in messages."""
@@ -390,6 +386,15 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
 
+    def sequence_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Boolean `[B, 1, S, S]` mask (the configured attention kind) of a whole sequence from its 2-D 0/1 mask, for
+        callers that run the same sequence many times (diffusion decoding builds it once per call and passes row
+        slices to every pass); None where the attention takes the 2-D mask itself (flash kernels)."""
+        if self.config._attn_implementation.startswith("flash_attention"):
+            return None
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        return attention_mask_4d(attention_mask, positions, self.config.full_attn_mask)
+
     def _embed_inputs(self, input_ids, inputs_embeds=None, vision_flags=None, **visual):
         """Token embeddings with the image/video features in their placeholder slots, the placeholder layout
         (`input_ids`, or the ids recovered from `inputs_embeds` when vision inputs need it; else None), and the vision
@@ -403,13 +408,12 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             inputs_embeds = self.model.embed_tokens(input_ids)
         elif any(value is not None for value in visual.values()):
             placeholders = self.placeholder_ids(inputs_embeds)
-        visual = {**dict.fromkeys(VISUAL_KEYS), **visual}
         encoded = {}
         for kind in self.vision_kinds:
-            features = visual[kind.features]
-            if visual[kind.pixels] is not None and features is None:
+            features = visual.get(kind.features)
+            if visual.get(kind.pixels) is not None and features is None:
                 encoded[kind.name] = self._encode_visual(
-                    visual[kind.pixels], visual[kind.grid], kind, return_dict=True, **(vision_flags or {})
+                    visual[kind.pixels], visual.get(kind.grid), kind, return_dict=True, **(vision_flags or {})
                 )
                 features = torch.cat(encoded[kind.name].pooler_output)
             if features is not None:
@@ -454,8 +458,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
                 omitted (with a non-empty cache: sequence index + `rope_deltas`; the current tokens follow the cached
                 ones). Positions that restart at 0 inside a row mark packed sequences (padding-free batches, e.g.
                 `DataCollatorWithFlattening`): each attends only to itself.
-            cache (`Cache`): keys/values of earlier tokens; `past_key_values=` is the same argument under its name
-                before transformers 5.24.
+            cache (`Cache`): keys/values of earlier tokens (dynamic or static); `past_key_values=` is the same
+                argument under its name before transformers 5.24 (from 5.24 on it warns, as native models do).
             inputs_embeds (`[B, S, H]`): instead of `input_ids`; vision placeholders are found by their embeddings.
             pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: processor outputs.
             image_features / video_features: precomputed projected features (`torch.cat` of `get_image_features(
