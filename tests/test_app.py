@@ -1,4 +1,5 @@
-"""The Gradio demo (`app.py`): streamed canvases, refusals, Stop, seed, GIF, queue, the API and a real browser.
+"""The Gradio demo (`app.py` and the `app_*.py` modules it uses): streamed canvases, refusals, Stop, seed, GIF,
+queue, the API and a real browser (the pure drawing of the canvas and the GIF: test_app_canvas.py).
 
 Needs the optional app dependencies (`pip install -r requirements-app.txt`) and is skipped without gradio; the browser
 tests also need Playwright and a system Chromium (`apt-get install chromium`) and are skipped without them. Set
@@ -26,6 +27,15 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import app  # noqa: E402
+from app_canvas import BLANK, BLANK_TEXT, DONE, END_TEXT, FIXED, NEW, canvas_segments  # noqa: E402
+from app_decoding import SMALLEST_IMAGE, longest_answer, stream_decoding  # noqa: E402
+from app_requests import (  # noqa: E402
+    RELEASED_CHAT_SETTINGS,
+    checkpoint_base,
+    field_values,
+    page_settings,
+    resolve_settings,
+)
 from gradio_client.exceptions import ValidationError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 from shapes.task import random_scene, render  # noqa: E402
@@ -115,8 +125,8 @@ def reference(dimple, image, question, template="", temperature=0.0, seed=0, **s
 
 def stream(dimple, image, question, template="", **overrides):
     model, processor = dimple
-    settings = app.page_settings(**{**SETTINGS, **overrides}, temperature=0.0)
-    items = list(app.stream_decoding(model, processor, image, question, settings, template))
+    settings = page_settings(**{**SETTINGS, **overrides}, temperature=0.0)
+    items = list(stream_decoding(model, processor, image, question, settings, template))
     return items[:-1], items[-1]
 
 
@@ -137,10 +147,6 @@ def texts(canvas) -> list[str]:
     return [item["token"] if isinstance(item, dict) else item[0] for item in canvas]
 
 
-def rgb(code: str) -> tuple:
-    return tuple(int(code[i : i + 2], 16) for i in (1, 3, 5))
-
-
 # --------------------------------------------------------------------------------------- the canvas itself
 
 
@@ -151,14 +157,14 @@ def test_canvas_shows_blanks_new_fixed_and_earlier_slots(dimple):
     start = [fixed, mask, mask, mask]
     previous = [fixed, early, mask, mask]
     canvas = [fixed, early, late, mask]
-    assert app.canvas_segments(tokenizer, canvas, previous, start, mask) == [
-        ("Color", app.FIXED),
-        (" red", app.DONE),
-        (" circle", app.NEW),
-        (app.BLANK_TEXT, app.BLANK),
+    assert canvas_segments(tokenizer, canvas, previous, start, mask) == [
+        ("Color", FIXED),
+        (" red", DONE),
+        (" circle", NEW),
+        (BLANK_TEXT, BLANK),
     ]
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert app.canvas_segments(tokenizer, [end], [mask], [mask], mask) == [(app.END_TEXT, app.NEW)]
+    assert canvas_segments(tokenizer, [end], [mask], [mask], mask) == [(END_TEXT, NEW)]
 
 
 def test_stream_fills_the_canvas_and_ends_with_diffusion_generates_answer(dimple, scene):
@@ -168,12 +174,12 @@ def test_stream_fills_the_canvas_and_ends_with_diffusion_generates_answer(dimple
     expected, passes = reference(dimple, image, question, **SETTINGS)
     assert result.answer == expected
     assert result.passes == passes == len(canvases) - 1 == 8
-    assert set(categories(canvases[0])) == {app.BLANK}
-    blanks = [categories(canvas).count(app.BLANK) for canvas in canvases]
+    assert set(categories(canvases[0])) == {BLANK}
+    blanks = [categories(canvas).count(BLANK) for canvas in canvases]
     assert blanks == sorted(blanks, reverse=True) and blanks[-1] == 0
     # Each step highlights exactly the slots it committed.
-    assert [categories(canvas).count(app.NEW) for canvas in canvases[1:]] == result.tokens_per_step
-    assert "".join(t for t in texts(canvases[-1]) if t != app.END_TEXT) == expected
+    assert [categories(canvas).count(NEW) for canvas in canvases[1:]] == result.tokens_per_step
+    assert "".join(t for t in texts(canvases[-1]) if t != END_TEXT) == expected
 
 
 def test_template_tokens_stand_fixed_from_the_first_canvas(dimple, scene):
@@ -181,15 +187,15 @@ def test_template_tokens_stand_fixed_from_the_first_canvas(dimple, scene):
     question, template = "What are the color and shape of the object on the left?", "Color:<|mask|> Shape:<|mask|>"
     canvases, result = stream(dimple, image, question, template)
     assert result.answer == reference(dimple, image, question, template, **SETTINGS)[0]
-    assert categories(canvases[0]) == [app.FIXED, app.FIXED, app.BLANK, app.FIXED, app.FIXED, app.BLANK]
-    assert all(categories(canvas)[:2] == [app.FIXED, app.FIXED] for canvas in canvases)
+    assert categories(canvases[0]) == [FIXED, FIXED, BLANK, FIXED, FIXED, BLANK]
+    assert all(categories(canvas)[:2] == [FIXED, FIXED] for canvas in canvases)
     assert result.answer.startswith("Color:") and " Shape:" in result.answer
 
 
 def test_page_defaults_are_the_checkpoints_settings_through_the_models_resolver(dimple):
     model, _ = dimple
     config = model.generation_config
-    defaults = app.field_values(app.resolve_settings(model, app.checkpoint_base(model)))
+    defaults = field_values(resolve_settings(model, checkpoint_base(model)))
     assert (defaults["alg_p_threshold"], defaults["steps"], defaults["max_new_tokens"], defaults["alg"]) == (
         config.alg_p_threshold, config.steps, config.max_new_tokens, config.alg
     )  # fmt: skip
@@ -197,49 +203,15 @@ def test_page_defaults_are_the_checkpoints_settings_through_the_models_resolver(
     # chat settings, by the generation config's own names.
     config.decoding = "autoregressive"
     try:
-        base = app.checkpoint_base(model)
-        resolved = app.resolve_settings(model, base)
+        base = checkpoint_base(model)
+        resolved = resolve_settings(model, base)
     finally:
         config.decoding = "diffusion"
-    assert base == app.RELEASED_CHAT_SETTINGS
+    assert base == RELEASED_CHAT_SETTINGS
     assert (resolved.steps, resolved.top_k, resolved.alg, resolved.alg_p_threshold) == (64, 50, "origin", 0.95)
 
 
-def test_stopped_decodings_say_why_the_answer_is_empty():
-    padding = [(app.END_TEXT, app.DONE), (app.END_TEXT, app.NEW), (app.BLANK_TEXT, app.BLANK)]
-    assert "all end-of-answer padding" in app.stopped_note([padding])
-    assert "before any slot was committed" in app.stopped_note([[(app.BLANK_TEXT, app.BLANK)] * 3])
-    assert "before the answer was complete" in app.stopped_note([[(" red", app.DONE)] + padding])
-
-
-# ------------------------------------------------------------------------------ the GIF of the steps
-
-
-def test_gif_keeps_every_slot_in_place_and_carries_the_question_and_a_legend(tmp_path):
-    # The first slot widens from "_" to a long token: chips that re-wrap per frame would move every later slot.
-    blank = [(app.BLANK_TEXT, app.BLANK)] * 30
-    widened = [(" a long token", app.NEW)] + blank[1:]
-    path = app.steps_gif([blank, widened], tmp_path / "steps.gif", "How many shapes are there?")
-    with Image.open(path) as picture:
-        first = np.asarray(picture.convert("RGB"))
-        picture.seek(1)
-        second = np.asarray(picture.convert("RGB"))
-    blank_colour = np.all(first == rgb(app.COLOR_MAP[app.BLANK]), axis=-1)
-    still_blank = np.all(second == rgb(app.COLOR_MAP[app.BLANK]), axis=-1)
-    assert still_blank.sum() > 0 and not (still_blank & ~blank_colour).any()  # no blank slot moved
-    # The legend shows every category in every frame, even those no slot has yet.
-    for frame in (first, second):
-        colours = {tuple(colour) for colour in frame.reshape(-1, 3)}
-        assert {rgb(code) for code in app.COLOR_MAP.values()} <= colours
-    # The question's line sits above the slots: the same frames without it are shorter.
-    untitled = app.steps_gif([blank, widened], tmp_path / "untitled.gif")
-    assert Image.open(untitled).height < Image.open(path).height
-
-
-def test_gif_name_describes_the_question_and_the_steps():
-    assert app.gif_name("Describe the image.", 8) == "dimple-describe-the-image-8-steps.gif"
-    assert app.gif_name("¿?", 3) == "dimple-answer-3-steps.gif"
-    assert re.fullmatch(r"dimple-[a-z0-9-]+-1-steps\.gif", app.gif_name("x" * 500, 1))
+# --------------------------------------------------------------------------------------- the GIF of the steps
 
 
 def test_steps_download_as_an_animated_gif_with_a_stable_descriptive_name(server, scene):
@@ -272,7 +244,7 @@ def test_two_concurrent_clients_get_their_own_answers_and_canvases(server, dimpl
         # Every canvas this client saw is a stage of its own answer: no slot ever showed another request's token.
         final = texts(final_canvas)
         for canvas, *_ in job.outputs()[:-1]:
-            assert all(text == end or text == app.BLANK_TEXT for text, end in zip(texts(canvas), final))
+            assert all(text == end or text == BLANK_TEXT for text, end in zip(texts(canvas), final))
     assert results[0][1] != results[1][1]
 
 
@@ -281,7 +253,7 @@ def test_replay_returns_this_sessions_own_steps(server, scene):
     job = client.submit(*api_args(scene, "Describe the image."), api_name="/answer")
     final_canvas, _, _, replay_slider, _ = job.result(timeout=300)
     assert (replay_slider["maximum"], replay_slider["value"], replay_slider["interactive"]) == (8, 8, True)
-    assert set(categories(client.predict(0, api_name="/replay"))) == {app.BLANK}
+    assert set(categories(client.predict(0, api_name="/replay"))) == {BLANK}
     assert client.predict(8, api_name="/replay") == final_canvas
     assert client.predict(3, api_name="/replay") == job.outputs()[3][0]
 
@@ -392,10 +364,10 @@ def test_an_empty_template_and_answer_length_uses_the_template(server, scene):
 def test_answer_length_is_bounded_by_the_positions_the_prompt_leaves(dimple):
     model, processor = dimple
     positions = model.config.max_position_embeddings
-    limit = app.longest_answer(model, processor)
+    limit = longest_answer(model, processor)
     assert limit < positions
     # The shortest prompt (smallest image, one character) with the longest answer fills every position exactly.
-    smallest = Image.new("RGB", (app.SMALLEST_IMAGE, app.SMALLEST_IMAGE), "white")
+    smallest = Image.new("RGB", (SMALLEST_IMAGE, SMALLEST_IMAGE), "white")
     canvases, result = stream(dimple, smallest, "?", max_new_tokens=limit, steps=1)
     assert len(canvases[-1]) == limit and result.passes == 1
     leaves = f"of the model's {positions} positions, which leaves room for at most {limit} "
@@ -429,7 +401,7 @@ def test_watch_it_think_shows_the_denoising_that_the_checkpoints_settings_skip(s
     job = client.submit(*api_args(scene, "Describe the image.", **watch), api_name="/answer")
     _, _, summary, _, _ = job.result(timeout=300)
     assert summary.startswith("forward passes: 8 ") and "Watch it think" not in summary
-    blanks = [categories(output[0]).count(app.BLANK) for output in job.outputs()[:-1]]
+    blanks = [categories(output[0]).count(BLANK) for output in job.outputs()[:-1]]
     assert blanks[0] == 32 and sum(0 < count < 32 for count in blanks) == 7
 
 
@@ -458,7 +430,7 @@ def test_stop_ends_the_running_decoding_and_keeps_its_steps(server, scene):
     final_canvas, answer, summary, replay_slider, _ = job.result(timeout=300)
     stopped_at = int(re.match(r"stopped after step (\d+): Stopped ", summary).group(1))
     assert 1 <= stopped_at < 32 and answer == ""
-    assert categories(final_canvas).count(app.BLANK) > 0
+    assert categories(final_canvas).count(BLANK) > 0
     assert (replay_slider["maximum"], replay_slider["interactive"]) == (stopped_at, True)
     # The next answer of this session runs in full: the Stop does not linger.
     _, answer, summary, _, _ = client.predict(*api_args(scene, "Describe the image."), api_name="/answer")
@@ -507,7 +479,7 @@ def mid_decoding(blank_share: float) -> str:
         const slots = [...document.querySelectorAll('#canvas .token .text')].map(node => node.textContent);
         const blanks = slots.filter(text => text === '%s').length;
         return blanks > 0 && blanks < slots.length * %s;
-    }""" % (app.BLANK_TEXT, blank_share)
+    }""" % (BLANK_TEXT, blank_share)
 
 
 ANSWERED = "() => document.querySelector('#answer textarea').value !== ''"
