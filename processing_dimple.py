@@ -19,13 +19,13 @@ from tokenizers import AddedToken
 from transformers import ProcessorMixin, Qwen2Tokenizer
 
 try:
-    from .generation_utils import DIMPLE_SETTINGS, STANDARD_SETTINGS
+    from .generation_config_dimple import DIMPLE_SETTINGS, STANDARD_SETTINGS
     from .image_processing_dimple import DimpleImageProcessor
     from .transformers_compat import cached_file, get_tokenizer_config
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
     if __package__:  # there is one, so the error is real (the version check's): show it, not a missing module
         raise
-    from generation_utils import DIMPLE_SETTINGS, STANDARD_SETTINGS
+    from generation_config_dimple import DIMPLE_SETTINGS, STANDARD_SETTINGS
     from image_processing_dimple import DimpleImageProcessor
     from transformers_compat import cached_file, get_tokenizer_config
 

@@ -91,10 +91,10 @@ OVERRIDDEN_HOOKS = {
     "modeling_dimple.DimpleForConditionalGeneration.set_output_embeddings": "PreTrainedModel.resize_token_embeddings",
     "generation_utils.DimpleGenerationMixin.adjust_generation_fn":
         "PreTrainedModel.from_pretrained: generation_config.json loaded as a DimpleGenerationConfig",
-    "generation_utils.DimpleGenerationConfig.from_model_config":
+    "generation_config_dimple.DimpleGenerationConfig.from_model_config":
         "PreTrainedModel.__init__ (generation_config_class): the model's generation config from config.json",
-    "generation_utils.DimpleGenerationConfig.validate": "GenerationConfig.__init__ / update / save_pretrained",
-    "generation_utils.DimpleGenerationConfig.to_diff_dict": "GenerationConfig.save_pretrained (to_json_string)",
+    "generation_config_dimple.DimpleGenerationConfig.validate": "GenerationConfig.__init__ / update / save_pretrained",
+    "generation_config_dimple.DimpleGenerationConfig.to_diff_dict": "GenerationConfig.save_pretrained (to_json_string)",
     "generation_utils.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
     "image_processing_dimple.DimpleImageProcessor._preprocess": "Qwen2VLImageProcessorPil.preprocess",
     "image_processing_dimple.DimpleImageProcessor.process_image": "the PIL backend's preprocess, per image",
@@ -114,8 +114,8 @@ OWN_ENTRY_POINTS = (
     "generation_utils.DimpleGenerationMixin.generate",
     "processing_dimple.DimpleProcessor.from_pretrained",  # public; replaces the private loading hooks 5.25 dropped
     "processing_dimple.DimpleProcessor.apply_chat_template",
-    "generation_utils.DiffusionTextStreamer.put",  # called by diffusion_generate
-    "generation_utils.DiffusionTextStreamer.end",
+    "streaming_dimple.DiffusionTextStreamer.put",  # called by diffusion_generate
+    "streaming_dimple.DiffusionTextStreamer.end",
     "image_processing_dimple.DimpleImageProcessor.preprocess",  # called by its own __call__
     "processing_dimple.DimpleProcessor.replace_video_token",  # called by its own _process_videos
 )

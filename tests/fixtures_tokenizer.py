@@ -44,8 +44,8 @@ def write_released_style_folder(folder: Path) -> Path:
     files = qwen2_tokenizer_dir()
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(files / name, folder / name)
-    for name in ("processing_dimple.py", "image_processing_dimple.py", "generation_utils.py", "denoising_dimple.py",
-                 "transformers_compat.py"):
+    for name in ("processing_dimple.py", "image_processing_dimple.py", "generation_config_dimple.py",
+                 "denoising_dimple.py", "transformers_compat.py"):
         shutil.copy(REPO_ROOT / name, folder / name)
     first_id = 151643
     tokenizer_config = {

@@ -16,7 +16,8 @@ probability) or `entropy` (negative entropy). All the rules follow the reference
 One step is [`denoising_step`]: for the whole batch at once, a schedule (`SCHEDULES[decoding_pipeline]`) says how
 many slots each row commits and the ranking of `ALGORITHMS[alg]` (one record per algorithm) which ones. Everything
 here is a function of its tensor inputs (random draws come in as arguments): no model, no host sync, no
-data-dependent shape. The call around it (settings, canvas, cache, loop) is `generation_utils.py`.
+data-dependent shape. The call around it (canvas, cache, loop) is `generation_utils.py`, its settings
+`generation_config_dimple.py`.
 """
 
 from collections.abc import Callable, Mapping
