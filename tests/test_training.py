@@ -7,6 +7,8 @@ ids are written out by hand.
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -600,3 +602,32 @@ def test_distributed_configs_parse():
     assert fsdp.distributed_type == "FSDP"
     wrapped = set(fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
     assert wrapped <= {type(module).__name__ for module in make_tiny_model().modules()}
+
+
+# ------------------------------------------------------------------------------------------------ module split
+
+
+@pytest.mark.parametrize("first", ["training_data", "training_collator", "training_dimple"])
+def test_data_names_stay_importable_where_they_were(first):
+    """The collator's names moved to `training_collator`; `training_data` and `training_dimple` still give the same
+    objects, whichever module a fresh interpreter imports first (the lazy re-export must not make an import cycle)."""
+    script = f"""
+import importlib
+importlib.import_module({first!r})
+import training_collator, training_data, training_dimple
+for name in training_data.COLLATOR_NAMES:
+    assert getattr(training_data, name) is getattr(training_collator, name), name
+for name in training_data.__all__:
+    assert getattr(training_dimple, name) is getattr(training_data, name), name
+for name in training_collator.__all__:
+    assert getattr(training_dimple, name, None) in (None, getattr(training_collator, name)), name
+try:
+    training_data.no_such_name
+except AttributeError as error:
+    assert "no_such_name" in str(error)
+else:
+    raise SystemExit("an unknown name must raise AttributeError")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
