@@ -21,7 +21,6 @@ try:
         IMAGE_MARKER,
         ChatDataset,
         ChatSample,
-        chat_parts,
         describe_sample,
         first_lines,
         parse_sample,
@@ -37,7 +36,6 @@ except ImportError:  # no parent package: imported from the repository root
         IMAGE_MARKER,
         ChatDataset,
         ChatSample,
-        chat_parts,
         describe_sample,
         first_lines,
         parse_sample,
@@ -356,11 +354,10 @@ class DimpleDataCollator:
 
     def _turn_tokens(self, chat: ChatSample, grids, where: str) -> list[tuple[list, list]]:
         """(prompt ids with each image expanded by the processor, answer ids) per turn, before padding."""
-        system = chat.system if chat.system is not None else self.system_prompt
         images = iter(range(len(chat.images)))
         turns = [
             (self._encode_text(self._expand_images(prompt, grids, images)), self._encode_text(reply))
-            for prompt, (_, reply) in zip(self._prompts(system, chat.turns), chat.turns)
+            for prompt, reply in zip(self._prompts(chat), chat.answers)
         ]
         image_tokens = (grids.prod(-1) // self.image_processor.merge_size**2).tolist()
         self._check_image_tokens([token for prompt, _ in turns for token in prompt], image_tokens, where)
@@ -420,17 +417,20 @@ class DimpleDataCollator:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _prompts(self, system: str, turns) -> list[str]:
-        """The text before each answer, rendered by the processor's chat template (the one inference prompts come
-        from): the system turn, first question and assistant header, then each later question and header.
+    def _prompts(self, chat: ChatSample) -> list[str]:
+        """The text before each answer, the sample's messages rendered once by the processor's chat template (the
+        one inference prompts come from): the system turn (`system_prompt` when the sample has none), first
+        question and assistant header, then each later question and header.
 
         Each answer is rendered as a placeholder and cut out together with the end-of-turn token that the template
         puts after it: a training answer ends in pads instead.
         """
-        messages = [{"role": "system", "content": system}]
-        for question, _ in turns:
-            messages.append({"role": "user", "content": chat_parts(question)})
-            messages.append({"role": "assistant", "content": ANSWER_PLACEHOLDER})
+        messages = [
+            {**message, "content": ANSWER_PLACEHOLDER} if message["role"] == "assistant" else message
+            for message in chat.messages
+        ]
+        if messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.processor.apply_chat_template(messages, tokenize=False)
         return text.split(ANSWER_PLACEHOLDER + self.tokenizer.eos_token)[:-1]
 

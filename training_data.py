@@ -54,11 +54,19 @@ COLLATOR_NAMES = (
 
 @dataclass
 class ChatSample:
-    """A validated conversation: the system text (None when absent), (user, assistant) turns, image sources."""
+    """A validated conversation in transformers' chat format, as the processor's chat template takes it.
 
-    system: str | None
-    turns: list[tuple[str, str]]
+    `messages`: an optional system message (text) first, then user and assistant turns alternating; a user content
+    is a list of `{"type": "text"}` and `{"type": "image"}` parts (one image part per image, in order), an assistant
+    content is its answer text. `images`: the image sources, in the order of the image parts.
+    """
+
+    messages: list[dict]
     images: list
+
+    @property
+    def answers(self) -> list[str]:
+        return [message["content"] for message in self.messages if message["role"] == "assistant"]
 
 
 def describe_sample(sample, index) -> str:
@@ -67,7 +75,7 @@ def describe_sample(sample, index) -> str:
 
 
 def parse_sample(sample, index: int = 0) -> ChatSample:
-    """Validate one chat sample and return its turns.
+    """Validate one chat sample and return it in transformers' chat format (see `ChatSample`).
 
     Accepted layouts: `{"messages": [{"role", "content"}], "images": [...]}` and LLaVA's
     `{"conversations": [{"from": "human"|"gpt", "value"}], "image": path}`. Turns alternate user, assistant
@@ -85,7 +93,7 @@ def parse_sample(sample, index: int = 0) -> ChatSample:
     images = sample.get("images", sample.get("image")) or []
     images = list(images) if isinstance(images, (list, tuple)) else [images]
 
-    system, turns, user, inline, image_parts = None, [], None, [], 0
+    chat, system, user, inline, image_parts, markers = [], None, None, [], 0, 0
     for position, message in enumerate(messages):
         role, content, parts_images, parts = _role_and_content(message, f"{where}, message {position}")
         inline += parts_images
@@ -94,10 +102,12 @@ def parse_sample(sample, index: int = 0) -> ChatSample:
             if position:
                 raise ValueError(f"{where}, message {position}: a system message may only come first.")
             system = content
+            chat.append({"role": "system", "content": content})
         elif role == "user":
             if user is not None:
                 raise ValueError(f"{where}, message {position}: two user turns in a row; turns must alternate.")
             user = content
+            chat.append({"role": "user", "content": chat_parts(content)})
         else:
             if user is None:
                 raise ValueError(f"{where}, message {position}: an assistant turn must follow a user turn.")
@@ -105,7 +115,8 @@ def parse_sample(sample, index: int = 0) -> ChatSample:
                 raise ValueError(f"{where}, message {position}: empty assistant answer.")
             if IMAGE_MARKER in content:
                 raise ValueError(f"{where}, message {position}: {IMAGE_MARKER} markers belong in user turns.")
-            turns.append((user, content))
+            chat.append({"role": "assistant", "content": content})
+            markers += user.count(IMAGE_MARKER)
             user = None
     if user is not None:
         raise ValueError(f"{where}: the conversation ends with a user turn that has no assistant answer.")
@@ -119,14 +130,13 @@ def parse_sample(sample, index: int = 0) -> ChatSample:
             )
         images = inline
 
-    markers = sum(question.count(IMAGE_MARKER) for question, _ in turns)
     if markers != len(images):
         problem = "more" if markers > len(images) else "fewer"
         raise ValueError(
             f"{where}: {markers} {IMAGE_MARKER} marker(s) but {len(images)} image(s) ({problem} markers than "
             "images); put one marker in the user text for each image."
         )
-    return ChatSample(system, turns, images)
+    return ChatSample(chat, images)
 
 
 def chat_parts(text: str) -> list[dict]:

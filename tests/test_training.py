@@ -28,6 +28,7 @@ from training_dimple import (
     configure_stage,
     diffusion_mask,
     lora_config,
+    parse_sample,
     save_final_model,
     stage_training_arguments,
     validate_samples,
@@ -160,6 +161,48 @@ def test_training_prompt_is_the_inference_prompt(processor):
     assert encoded.input_ids[:prompt_length].tolist() == inference["input_ids"][0].tolist()
     assert torch.equal(encoded.pixel_values, inference["pixel_values"])
     assert encoded.input_ids[prompt_length:].tolist()[:2] == [W["red"], W["square"]]
+
+
+def test_every_sample_layout_parses_to_transformers_chat_format():
+    """Markers, LLaVA's layout and content parts become one representation, the messages the chat template renders:
+    user content as text and image parts, the images in their order beside them."""
+    image = picture(56, 56)
+    markers = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>\nWhat is this ?"},
+            {"role": "assistant", "content": "cat"},
+        ],
+        "images": [image],
+    }
+    llava = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nWhat is this ?"},
+            {"from": "gpt", "value": "cat"},
+        ],
+        "image": image,
+    }
+    parts = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "\nWhat is this ?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "cat"}]},
+        ]
+    }
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is this ?"}]},
+        {"role": "assistant", "content": "cat"},
+    ]
+    for sample in (markers, llava, parts):
+        chat = parse_sample(sample)
+        assert chat.messages == expected
+        assert chat.images == [image]
+        assert chat.answers == ["cat"]
 
 
 def test_collator_reads_llava_layout_and_image_files(processor, tmp_path):
@@ -629,5 +672,5 @@ else:
     raise SystemExit("an unknown name must raise AttributeError")
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
