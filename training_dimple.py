@@ -1,7 +1,7 @@
 """Fine-tuning Dimple: the per-stage set-up, LoRA, a Trainer and saving (reference §6).
 
-The data side (reading files, checks before the model loads, the collator) lives in `training_data.py`; its public
-names are importable from here too.
+The data side lives in `training_data.py` (reading files, checks before the model loads) and `training_collator.py`
+(what a batch is: lengths, masking, the collator); their public names are importable from here too.
 
 Dimple trains autoregressively first, then as a masked discrete-diffusion model:
 
@@ -68,23 +68,25 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, enable_ful
 try:
     from .model_card import write_model_card
     from .processing_dimple import EOS_TOKEN, PAD_TOKEN
-    from .training_data import (
+    from .training_collator import (
         ANSWER_PADDINGS,
         IGNORE_INDEX,
-        IMAGE_MARKER,
         MASK_STRATEGIES,
         OBJECTIVES,
-        ChatDataset,
-        ChatSample,
         DimpleDataCollator,
         EncodedSample,
         answer_length_bound,
         check_lengths,
         diffusion_mask,
+        pre_resize,
+    )
+    from .training_data import (
+        IMAGE_MARKER,
+        ChatDataset,
+        ChatSample,
         load_samples,
         load_training_data,
         parse_sample,
-        pre_resize,
         read_data_file,
         read_image,
         validate_samples,
@@ -94,23 +96,25 @@ except ImportError:  # no parent package: imported from the repository root
         raise
     from model_card import write_model_card
     from processing_dimple import EOS_TOKEN, PAD_TOKEN
-    from training_data import (
+    from training_collator import (
         ANSWER_PADDINGS,
         IGNORE_INDEX,
-        IMAGE_MARKER,
         MASK_STRATEGIES,
         OBJECTIVES,
-        ChatDataset,
-        ChatSample,
         DimpleDataCollator,
         EncodedSample,
         answer_length_bound,
         check_lengths,
         diffusion_mask,
+        pre_resize,
+    )
+    from training_data import (
+        IMAGE_MARKER,
+        ChatDataset,
+        ChatSample,
         load_samples,
         load_training_data,
         parse_sample,
-        pre_resize,
         read_data_file,
         read_image,
         validate_samples,

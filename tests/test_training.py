@@ -7,6 +7,8 @@ ids are written out by hand.
 import importlib.util
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from training_dimple import (
     configure_stage,
     diffusion_mask,
     lora_config,
+    parse_sample,
     save_final_model,
     stage_training_arguments,
     validate_samples,
@@ -158,6 +161,48 @@ def test_training_prompt_is_the_inference_prompt(processor):
     assert encoded.input_ids[:prompt_length].tolist() == inference["input_ids"][0].tolist()
     assert torch.equal(encoded.pixel_values, inference["pixel_values"])
     assert encoded.input_ids[prompt_length:].tolist()[:2] == [W["red"], W["square"]]
+
+
+def test_every_sample_layout_parses_to_transformers_chat_format():
+    """Markers, LLaVA's layout and content parts become one representation, the messages the chat template renders:
+    user content as text and image parts, the images in their order beside them."""
+    image = picture(56, 56)
+    markers = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>\nWhat is this ?"},
+            {"role": "assistant", "content": "cat"},
+        ],
+        "images": [image],
+    }
+    llava = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "<image>\nWhat is this ?"},
+            {"from": "gpt", "value": "cat"},
+        ],
+        "image": image,
+    }
+    parts = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "\nWhat is this ?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "cat"}]},
+        ]
+    }
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is this ?"}]},
+        {"role": "assistant", "content": "cat"},
+    ]
+    for sample in (markers, llava, parts):
+        chat = parse_sample(sample)
+        assert chat.messages == expected
+        assert chat.images == [image]
+        assert chat.answers == ["cat"]
 
 
 def test_collator_reads_llava_layout_and_image_files(processor, tmp_path):
@@ -600,3 +645,32 @@ def test_distributed_configs_parse():
     assert fsdp.distributed_type == "FSDP"
     wrapped = set(fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","))
     assert wrapped <= {type(module).__name__ for module in make_tiny_model().modules()}
+
+
+# ------------------------------------------------------------------------------------------------ module split
+
+
+@pytest.mark.parametrize("first", ["training_data", "training_collator", "training_dimple"])
+def test_data_names_stay_importable_where_they_were(first):
+    """The collator's names moved to `training_collator`; `training_data` and `training_dimple` still give the same
+    objects, whichever module a fresh interpreter imports first (the lazy re-export must not make an import cycle)."""
+    script = f"""
+import importlib
+importlib.import_module({first!r})
+import training_collator, training_data, training_dimple
+for name in training_data.COLLATOR_NAMES:
+    assert getattr(training_data, name) is getattr(training_collator, name), name
+for name in training_data.__all__:
+    assert getattr(training_dimple, name) is getattr(training_data, name), name
+for name in training_collator.__all__:
+    assert getattr(training_dimple, name, None) in (None, getattr(training_collator, name)), name
+try:
+    training_data.no_such_name
+except AttributeError as error:
+    assert "no_such_name" in str(error)
+else:
+    raise SystemExit("an unknown name must raise AttributeError")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
