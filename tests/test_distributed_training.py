@@ -90,17 +90,21 @@ def test_two_processes_train_exactly_like_one_with_the_same_global_batch(process
 
 
 @pytest.mark.parametrize("repetition", range(TWO_PROCESS_RUNS))
-def test_two_process_lora_run_ends_cleanly_with_adapter_and_merged_model(processor, tmp_path, repetition):
+def test_two_process_lora_runs_end_cleanly_and_repeat_bit_for_bit(processor, tmp_path, repetition):
     base, data, images = write_finetune_inputs(processor, tmp_path)
-    args = finetune_args(base, data, images, tmp_path / "out", 1) + ["--lora", "--lora_r", "4"]
-    run = subprocess.run(
-        TORCHRUN + ["--master_port", "29518", str(REPO_ROOT / "examples" / "finetune.py"), *args],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "terminate called" not in run.stderr
-    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "lora_adapter" / "adapter_model.safetensors").is_file()
+    for name in ("one", "two"):
+        args = finetune_args(base, data, images, tmp_path / name, 1) + ["--lora", "--lora_r", "4"]
+        run = subprocess.run(
+            TORCHRUN + ["--master_port", "29518", str(REPO_ROOT / "examples" / "finetune.py"), *args],
+            env=ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "terminate called" not in run.stderr
+    for saved in ("lora_adapter/adapter_model.safetensors", "final/model.safetensors"):
+        one, two = load_file(tmp_path / "one" / saved), load_file(tmp_path / "two" / saved)
+        assert one.keys() == two.keys()
+        for key, weight in one.items():
+            assert torch.equal(weight, two[key]), (saved, key)
 
 
 # Rank 0 keeps working after rank 1 is done, as it does while it merges and saves the final model.

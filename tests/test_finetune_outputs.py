@@ -552,8 +552,8 @@ def test_two_lora_runs_with_the_same_seed_save_bit_identical_adapters(processor,
     script = load_finetune_script()
     for run in ("one", "two"):  # in one process
         script.main(lora_run(base, data, images, tmp_path / run))
-    # and in a process of its own
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # and in a process of its own, with this process's thread count (CPU reductions round by how they are split)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
     script_path = str(REPO_ROOT / "examples" / "finetune.py")
     result = subprocess.run([sys.executable, script_path, *lora_run(base, data, images, tmp_path / "three")],
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
