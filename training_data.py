@@ -31,22 +31,6 @@ except ImportError:  # no parent package: imported from the repository root
 
 IMAGE_MARKER = "<image>"
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
-# Public names of `training_collator`, importable from here as before the split; loaded on first use, because the
-# collator imports this module (an import at the top would be a cycle).
-COLLATOR_NAMES = (
-    "ANSWER_PADDINGS",
-    "IGNORE_INDEX",
-    "MASK_STRATEGIES",
-    "OBJECTIVES",
-    "DimpleDataCollator",
-    "EncodedSample",
-    "SampleLength",
-    "answer_length_bound",
-    "check_lengths",
-    "diffusion_mask",
-    "pre_resize",
-    "pre_resize_size",
-)
 
 
 # --------------------------------------------------------------------------------------------------------- data
@@ -498,9 +482,12 @@ def first_lines(lines: list[str], count: int = 20) -> list[str]:
 
 
 def __getattr__(name):
-    if name in COLLATOR_NAMES:
+    """The public names of `training_collator`, importable from here as before the split; loaded on first use,
+    because the collator imports this module (an import at the top would be a cycle)."""
+    if not name.startswith("__"):
         collator = importlib.import_module(f"{__package__}.training_collator" if __package__ else "training_collator")
-        return getattr(collator, name)
+        if name in collator.__all__:
+            return getattr(collator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -658,7 +658,7 @@ def test_data_names_stay_importable_where_they_were(first):
 import importlib
 importlib.import_module({first!r})
 import training_collator, training_data, training_dimple
-for name in training_data.COLLATOR_NAMES:
+for name in training_collator.__all__:
     assert getattr(training_data, name) is getattr(training_collator, name), name
 for name in training_data.__all__:
     assert getattr(training_dimple, name) is getattr(training_data, name), name
