@@ -524,7 +524,8 @@ class DimpleGenerationMixin(GenerationMixin):
         passes = (compiled_passes(self.device.type) if config.compile_step else EAGER_PASSES).for_one_call()
         hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
         returns_dict = config.return_dict_in_generate
-        commit_scores = CommitScores(batch.answer, rules) if returns_dict else None
+        keeps_scores = returns_dict and (config.output_scores or config.output_logits)
+        commit_scores = CommitScores(batch.answer, rules) if keeps_scores else None  # [B, N, V] work each step
         history, committed_per_step = [], []
         forward_passes = torch.zeros_like(total_masks)
         finished = torch.zeros_like(total_masks, dtype=torch.bool)  # stopped early by a stop string or criterion
