@@ -436,6 +436,19 @@ def test_compiled_passes_check_their_guards_at_each_calls_first_pass():
         assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
 
 
+def test_compiled_passes_follow_weights_changed_in_place():
+    """On a CPU the compiled passes hold the weights as constants (inductor's freezing): after an in-place change
+    (an optimizer step, `load_state_dict`) they compile again instead of answering with the old weights."""
+    model = confident_model()
+    ids = torch.tensor([PROMPT])
+    settings = dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
+    model.diffusion_generate(ids, compile_step=True, **settings)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.lm_head.weight.flip(0))  # another answer from the same objects
+    eager = model.diffusion_generate(ids, **settings)
+    assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
+
+
 def test_compiled_step_draws_like_the_eager_step():
     """Random draws are made outside the step, so with the same seed a compiled random run repeats the eager one."""
     model = confident_model()

@@ -50,6 +50,7 @@ STANDARD_SETTINGS = frozenset(
 DIMPLE_SETTINGS = tuple(name for name in DIFFUSION_DEFAULTS if name not in STANDARD_SETTINGS)
 DIFFUSION_ONLY_ARGUMENTS = (*DIMPLE_SETTINGS, "response_template", "generation_tokens_hook_func",
                             "generation_logits_hook_func")  # fmt: skip
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 MAX_STEPS = 1_000_000  # the time grid is materialised: 10^9 steps would be a 4 GB tensor and a loop that never ends
 # The released README's chat settings (reference §5.12), with the top-k 50 that every released run had implicitly.
 RELEASED_CHAT_SETTINGS = dict(
@@ -112,11 +113,15 @@ class DimpleGenerationConfig(GenerationConfig):
             once at step 0 and reused; later steps run only the answer plus the last prompt token.
         cache_refresh_interval (`int`, defaults to 0): with `use_cache`, recompute the whole sequence (and the cached
             prompt) every k steps, so the prompt sees the current answer; 0 never refreshes (the released behaviour).
-        compile_step (`bool`, defaults to `False`): with `use_cache`, run each pass (the first, whole-sequence
-            pass and each cached step: the forward, then the slot selection) as one `torch.compile(fullgraph=True)`
-            graph; on CUDA with `mode="reduce-overhead"`, which captures it as a CUDA graph and replays it. Same
-            tokens as the eager passes; removes the Python and launch overhead that dominates small steps. The first
-            call of a new shape compiles (tens of seconds). A `generation_logits_hook_func` runs the eager passes.
+        compile_step (`bool` or `str`, defaults to `False`): with `use_cache`, run each pass (the first,
+            whole-sequence pass and each cached step: the forward, then the slot selection) as one
+            `torch.compile(fullgraph=True)` graph; on CUDA with `mode="reduce-overhead"`, which captures it as a CUDA
+            graph and replays it; on a CPU with inductor's freezing (the weights become constants, each linear
+            weight prepacked for the GEMM library: a second copy of those weights in memory). A torch.compile mode
+            name instead of `True` picks the mode (on a CPU, "max-autotune" also tunes the matrix products; it
+            compiles for minutes). Same tokens as the eager passes; removes the Python and launch overhead that
+            dominates small steps. The first call of a new shape compiles (tens of seconds); weights changed in place
+            since the last compiled call compile again. A `generation_logits_hook_func` runs the eager passes.
         num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
             random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
         output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each
@@ -241,6 +246,8 @@ class DimpleGenerationConfig(GenerationConfig):
             fail("top_k", "a non-negative integer (0 or None disables it)")
         if not is_int(self.cache_refresh_interval) or self.cache_refresh_interval < 0:
             fail("cache_refresh_interval", "an integer >= 0 (0 never refreshes)")
+        if not (self.compile_step is None or isinstance(self.compile_step, bool) or self.compile_step in COMPILE_MODES):
+            fail("compile_step", f"True, False or a torch.compile mode ({', '.join(map(repr, COMPILE_MODES))})")
         if self.compile_step and not self.use_cache:
             raise ValueError("`compile_step=True` compiles the cached step: it needs `use_cache=True`.")
         if self.num_return_sequences is not None and (

@@ -15,11 +15,15 @@ The mixin asks the model for: `get_rope_index`, `embed_prompt` (token embeddings
 """
 
 import functools
+import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config as inductor_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StoppingCriteriaList
+from transformers.utils import logging
 
 try:
     from .denoising_dimple import (
@@ -49,6 +53,8 @@ except ImportError:  # no parent package: imported from the repository root rath
     )  # fmt: skip
     from streaming_dimple import DiffusionTextStreamer
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
+
+logger = logging.get_logger(__name__)
 
 # Answer slots when neither `max_new_tokens` nor `max_length` is set (upstream: an untouched `max_length=20` meant 20
 # new slots, not 20 in total).
@@ -255,44 +261,90 @@ class DenoisingPasses:
     whole: Callable
     cached: Callable
     compiled: bool = False
+    frozen_weights: bool = False
 
-    def for_one_call(self) -> "DenoisingPasses":
+    def for_one_call(self, model) -> "DenoisingPasses":
         """Compiled passes whose guards are evaluated at their first call in this `diffusion_generate` call only."""
         if not self.compiled:
             return self
-        return DenoisingPasses(GuardsCheckedOnce(self.whole), GuardsCheckedOnce(self.cached), compiled=True)
+        if self.frozen_weights:
+            FROZEN_WEIGHTS.check(model)
+        return DenoisingPasses(
+            GuardsCheckedOnce(self.whole, self.frozen_weights), GuardsCheckedOnce(self.cached, self.frozen_weights),
+            compiled=True,
+        )
 
 
 EAGER_PASSES = DenoisingPasses(whole_denoising_pass, cached_denoising_pass)
 
 
 @functools.cache
-def compiled_passes(device_type: str) -> DenoisingPasses:
-    """`compile_step=True`: both passes under `torch.compile(fullgraph=True)`, one graph each per call shape. On CUDA
-    with `mode="reduce-overhead"`: CUDA graphs, captured and replayed by torch. Elsewhere the graph's kernels are
-    called from inductor's C++ wrapper instead of its Python one (per-call Python overhead is much of a small step).
-    The same option and code path everywhere; only the backend's settings differ."""
-    settings = {"mode": "reduce-overhead"} if device_type == "cuda" else {"options": {"cpp_wrapper": True}}
+def compiled_passes(device_type: str, mode: str | None = None) -> DenoisingPasses:
+    """`compile_step`: both passes under `torch.compile(fullgraph=True)`, one graph each per call shape. On CUDA with
+    `mode` (default "reduce-overhead": CUDA graphs, captured and replayed by torch). Elsewhere with `mode`'s inductor
+    options plus freezing, which takes the weights as constants and prepacks each linear layer's weight for the CPU's
+    GEMM library (most of a small step is these matrix products; "max-autotune" also tries inductor's own GEMM
+    kernels), and the C++ wrapper (per-call Python overhead is much of the rest). The same option and code path
+    everywhere; only the backend's settings differ."""
+    if device_type == "cuda":
+        settings, frozen = {"mode": mode or "reduce-overhead"}, False
+    else:  # torch.compile takes a mode or options, not both: the mode as its options
+        options = {**(torch._inductor.list_mode_options(mode) if mode else {}), "cpp_wrapper": True}
+        settings, frozen = {"options": options}, True
     return DenoisingPasses(
         torch.compile(whole_denoising_pass, fullgraph=True, **settings),
         torch.compile(cached_denoising_pass, fullgraph=True, **settings),
         compiled=True,
+        frozen_weights=frozen,
     )
+
+
+class FrozenWeights:
+    """Keeps frozen compiled passes true to the weights. A graph compiled with inductor's freezing holds the weights'
+    values; a model with other parameter objects fails the graph's guards and compiles its own, but weights changed in
+    place (`load_state_dict`, an optimizer step, `param.copy_`) would silently keep the old values. Each tensor's
+    version counter counts its in-place changes: when a model's counters moved since its last compiled call, compiled
+    code is dropped (`torch.compiler.reset`) and compiles again. Writes through `.data` bypass the counters; after
+    those, call `torch.compiler.reset()` yourself."""
+
+    def __init__(self):
+        self.seen = weakref.WeakKeyDictionary()  # model -> its weights' version counters at its last compiled call
+
+    @staticmethod
+    def versions(model) -> tuple[int, ...]:
+        return tuple(tensor._version for tensor in itertools.chain(model.parameters(), model.buffers()))
+
+    def check(self, model):
+        versions, seen = self.versions(model), self.seen.get(model)
+        if seen is not None and seen != versions:
+            logger.warning(
+                "compile_step=True: the weights changed in place since the last compiled call; compiling again (the "
+                "compiled passes hold the weights as constants)."
+            )
+            torch.compiler.reset()
+        self.seen[model] = versions
+
+
+FROZEN_WEIGHTS = FrozenWeights()
 
 
 class GuardsCheckedOnce:
     """A compiled pass that checks its guards (the conditions under which the compiled graph is valid) at its first
     call only. Within one `diffusion_generate` call every pass of a kind gets the same objects, settings and shapes
     (only tensor values change, in place), so the checks that follow could only repeat the first one's answer; on a
-    small model they cost about as much as the graph itself. The next call starts with a new wrapper."""
+    small model they cost about as much as the graph itself. The next call starts with a new wrapper.
 
-    def __init__(self, compiled: Callable):
-        self.compiled, self.checked = compiled, False
+    Only the first call can compile, so only it needs inductor's `freezing` switch, which torch reads while it
+    traces (not from `torch.compile`'s options)."""
+
+    def __init__(self, compiled: Callable, frozen_weights: bool = False):
+        self.compiled, self.checked, self.frozen_weights = compiled, False, frozen_weights
 
     def __call__(self, *args):
         if not self.checked:
             self.checked = True
-            return self.compiled(*args)
+            with inductor_config.patch(freezing=self.frozen_weights):
+                return self.compiled(*args)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return self.compiled(*args)
 
@@ -521,7 +573,8 @@ class DimpleGenerationMixin(GenerationMixin):
         total_masks = (batch.answer == config.mask_token_id).sum(1)  # per row, after the structure-prior hook
         timesteps = torch.linspace(1, config.eps, config.steps + 1, device=batch.x.device)
         step_index = torch.arange(config.steps, device=batch.x.device)
-        passes = (compiled_passes(self.device.type) if config.compile_step else EAGER_PASSES).for_one_call()
+        mode = None if config.compile_step is True else config.compile_step  # True: the device's default
+        passes = (compiled_passes(self.device.type, mode) if config.compile_step else EAGER_PASSES).for_one_call(self)
         hooked = generation_logits_hook_func is not None or generation_tokens_hook_func is not None
         returns_dict = config.return_dict_in_generate
         keeps_scores = returns_dict and (config.output_scores or config.output_logits)
