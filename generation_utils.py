@@ -36,6 +36,7 @@ try:
         NO_DIFFUSION_COUNTERPART, RELEASED_CHAT_SETTINGS, SPECIAL_IDS, STANDARD_SETTINGS, VISUAL_INPUTS,
         DimpleGenerationConfig, read_standard_settings, resolve_generation_settings,
     )  # fmt: skip
+    from .input_checks_dimple import inputs_checked_at_the_door
     from .streaming_dimple import DiffusionTextStreamer
     from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
@@ -51,6 +52,7 @@ except ImportError:  # no parent package: imported from the repository root rath
         NO_DIFFUSION_COUNTERPART, RELEASED_CHAT_SETTINGS, SPECIAL_IDS, STANDARD_SETTINGS, VISUAL_INPUTS,
         DimpleGenerationConfig, read_standard_settings, resolve_generation_settings,
     )  # fmt: skip
+    from input_checks_dimple import inputs_checked_at_the_door
     from streaming_dimple import DiffusionTextStreamer
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 
@@ -448,6 +450,7 @@ class DimpleGenerationMixin(GenerationMixin):
     """`generate` (the decoding the generation config selects), `diffusion_generate` and its loop, for Dimple; the
     model side of the autoregressive loop (M-RoPE positions, per-prompt images) is in `modeling_dimple.py`."""
 
+    @inputs_checked_at_the_door
     def generate(self, inputs=None, generation_config=None, decoding: str | None = None, **kwargs):
         """Answer with the decoding the generation config selects, as transformers' own diffusion LMs do.
 
@@ -473,6 +476,8 @@ class DimpleGenerationMixin(GenerationMixin):
             )
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         self.check_prompt_inputs(prompt, kwargs.get("attention_mask"), kwargs)
+        if isinstance(prompt, torch.Tensor):
+            self.check_token_ids(prompt, "input_ids")  # here, not at every pass (`inputs_checked_at_the_door`)
         return super().generate(inputs, generation_config, **kwargs)
 
     def adjust_generation_fn(self, generation_config, *args, **kwargs):
@@ -493,6 +498,7 @@ class DimpleGenerationMixin(GenerationMixin):
             raise ValueError(f"`decoding` must be one of {DECODINGS}, got {decoding!r}.")
         return decoding
 
+    @inputs_checked_at_the_door
     @torch.no_grad()
     def diffusion_generate(
         self,

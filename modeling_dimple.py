@@ -3,7 +3,8 @@
 The vision tower and the decoder layers are transformers' own Qwen2.5-VL modules, loaded under Dimple's parameter
 names. What is Dimple's own lives here: the image projector, the bidirectional attention mask (with an identity term
 so padded rows never see an empty row), the multimodal RoPE index without video time scaling, and the glue.
-Generation (`diffusion_generate`, and `generate` as autoregressive decoding) comes from `generation_utils.py`.
+Generation (`diffusion_generate`, and `generate` as autoregressive decoding) comes from `generation_utils.py`; the
+input checks the doors run once (re-exported here) from `input_checks_dimple.py`.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from transformers import Cache, PreTrainedModel, Qwen2_5_VisionTransformerPretra
 try:
     from .configuration_dimple import DimpleConfig, DimpleVisionConfig
     from .generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
+    from .input_checks_dimple import (
+        check_attention_mask_values, check_grid, check_input_shapes, check_prompt, check_token_ids, check_vision_pair,
+        check_visual_inputs, values_checked_at_the_door,
+    )  # fmt: skip
     from .transformers_compat import (
         ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
         output_cache, warn_old_cache_name,
@@ -25,6 +30,10 @@ except ImportError:  # no parent package: imported from the repository root rath
         raise
     from configuration_dimple import DimpleConfig, DimpleVisionConfig
     from generation_utils import DimpleGenerationConfig, DimpleGenerationMixin
+    from input_checks_dimple import (
+        check_attention_mask_values, check_grid, check_input_shapes, check_prompt, check_token_ids, check_vision_pair,
+        check_visual_inputs, values_checked_at_the_door,
+    )  # fmt: skip
     from transformers_compat import (
         ACT2FN, CACHE_NAME, MULTIMODAL_OUTPUTS, BaseModelOutputWithPooling, CausalLMOutputBase, cache_kwarg,
         output_cache, warn_old_cache_name,
@@ -107,13 +116,6 @@ def attention_mask_4d(
         visible &= key_index[None, None, :] <= query_positions[None, :, None]
     visible |= key_index[None, None, :] == query_positions[None, :, None]
     return visible[:, None]
-
-
-def check_vision_pair(pixels_name: str, pixels, grid_name: str, grid) -> None:
-    """Pixels and their grid come together (the grid says how the patch rows form images)."""
-    if (pixels is None) != (grid is None):
-        given, missing = (pixels_name, grid_name) if pixels is not None else (grid_name, pixels_name)
-        raise ValueError(f"`{given}` was given without `{missing}`; pass both (the processor returns both).")
 
 
 def vision_token_positions(
@@ -214,7 +216,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         return self._encode_visual(pixel_values_videos, video_grid_thw, self.vision_kinds[1], **kwargs)
 
     def check_token_ids(self, ids: torch.Tensor, name: str) -> None:
-        """Every id must index the embedding (see `check_token_ids`)."""
+        """Every id must index the embedding (see `input_checks_dimple.check_token_ids`)."""
         check_token_ids(ids, self.get_input_embeddings().num_embeddings, name)
 
     def check_vision_pairs(self, visual: dict) -> None:
@@ -223,25 +225,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             check_vision_pair(kind.pixels, visual.get(kind.pixels), kind.grid, visual.get(kind.grid))
 
     def check_prompt_inputs(self, input_ids, attention_mask, visual: dict) -> None:
-        """The checks of a user's prompt, made once where it comes in (`generate`, `diffusion_generate`).
-
-        `forward` embeds placeholder ids without pixels as text, as transformers' Qwen2.5-VL does. A vision block
-        (`<|vision_start|>` then a placeholder) is what the processor writes for an image or video, so one without
-        pixels means they were forgotten; a lone placeholder id (a sampled token, say) stays text.
-        """
-        check_attention_mask_values(attention_mask)
-        if visual.get("inputs_embeds") is not None:
-            return  # the model reads these embeddings, not the ids' (which need no pixels then)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point:
-            return  # embeddings, or a wrong type that the entry point itself reports
-        for kind in self.vision_kinds:
-            given = any(visual.get(key) is not None for key in (kind.pixels, kind.grid, kind.features))
-            blocks = (input_ids[..., :-1] == self.config.vision_start_token_id) & (input_ids[..., 1:] == kind.token_id)
-            if not given and bool(blocks.any()):
-                raise ValueError(
-                    f"The prompt holds {kind.name} placeholder tokens (id {kind.token_id}) but no `{kind.pixels}` was "
-                    f"given; pass the processor's `{kind.pixels}` and `{kind.grid}` with the prompt."
-                )
+        """The checks of a user's prompt, made once where it comes in (`generate`, `diffusion_generate`): a 0/1 mask,
+        and pixels for every vision block (see `input_checks_dimple.check_prompt`)."""
+        check_prompt(input_ids, attention_mask, visual, self.vision_kinds, self.config.vision_start_token_id)
 
     def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
         """Where `inputs_embeds` holds the embeddings of the vision special tokens: their ids there, -1 elsewhere.
@@ -335,44 +321,31 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
     # --------------------------------------------------------------------------------------------- forward
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length, first_pass: bool):
-        """Shapes always (no host sync); values (ids inside the vocabulary, a 0/1 mask) on a sequence's first pass
-        only, outside compiled code: a decoding loop's later passes feed back what the model produced, and its doors
-        (`generate`, `diffusion_generate`) checked the prompt, so no step of the loop waits on these reads."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if first_pass and not torch.compiler.is_compiling():
+        """Shapes always (no host sync); values (ids inside the vocabulary, a 0/1 mask) at a sequence's first pass
+        only, outside compiled code and outside a door's call: `generate` and `diffusion_generate` checked the prompt,
+        and their loops feed back what the model produced, so no pass of a loop waits on these reads (without a cache,
+        every pass of a loop is a first pass)."""
+        check_input_shapes(input_ids, inputs_embeds, attention_mask, past_length)
+        if first_pass and not torch.compiler.is_compiling() and not values_checked_at_the_door():
             if input_ids is not None:
                 self.check_token_ids(input_ids, "input_ids")
             check_attention_mask_values(attention_mask)
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(
-                f"`attention_mask` must be a tensor (2-D of 0/1, or a 4-D mask), got {type(attention_mask).__name__}."
-            )
-        if attention_mask is None or attention_mask.ndim == 4:
-            return
-        if attention_mask.ndim != 2:
-            raise ValueError(
-                f"`attention_mask` must be 2-D [batch, keys] of 0/1 or a 4-D mask, got shape "
-                f"{tuple(attention_mask.shape)}."
-            )
-        if isinstance(past_length, int) and attention_mask.shape != (batch, past_length + length):
-            raise ValueError(
-                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected ({batch}, {past_length + length}):"
-                f" one row per sample and one column per cached and current token."
-            )
+
+    @property
+    def _takes_2d_mask(self) -> bool:
+        """Flash kernels take the 2-D padding mask (or None) and unpad themselves; sdpa and eager take a 4-D mask."""
+        return (self.config._attn_implementation or "").startswith("flash_attention")
 
     def _decoder_mask(self, attention_mask, batch, key_length, query_positions, sequence_ids, dtype, device):
         """The mask in the form the configured attention implementation wants, over `key_length` keys (a static
         cache's whole length: its slots past the current tokens are masked)."""
-        impl = self.config._attn_implementation
-        if impl is not None and impl.startswith("flash_attention"):
+        if self._takes_2d_mask:
             if sequence_ids is not None:
                 raise ValueError(
                     "Packed sequences (position_ids restarting at 0) need the sdpa or eager attention here; load the "
                     "model with attn_implementation='sdpa', or pad the batch instead of packing it."
                 )
-            return attention_mask  # flash kernels take the 2-D padding mask (or None) and handle unpadding
+            return attention_mask
         if attention_mask is not None and attention_mask.ndim == 4:
             mask = attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
         else:
@@ -382,7 +355,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             )  # fmt: skip
         if sequence_ids is not None:  # packed sequences see only themselves
             mask = mask & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
-        if impl == "eager":
+        if self.config._attn_implementation == "eager":
             return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
 
@@ -390,7 +363,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         """Boolean `[B, 1, S, S]` mask (the configured attention kind) of a whole sequence from its 2-D 0/1 mask, for
         callers that run the same sequence many times (diffusion decoding builds it once per call and passes row
         slices to every pass); None where the attention takes the 2-D mask itself (flash kernels)."""
-        if self.config._attn_implementation.startswith("flash_attention"):
+        if self._takes_2d_mask:
             return None
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         return attention_mask_4d(attention_mask, positions, self.config.full_attn_mask)
@@ -456,8 +429,8 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             attention_mask (`[B, past + S]` of 0/1, or a 4-D mask used as given): defaults to all ones.
             position_ids (`[3, B, S]` M-RoPE positions, or `[B, S]` for text): computed with `get_rope_index` when
                 omitted (with a non-empty cache: sequence index + `rope_deltas`; the current tokens follow the cached
-                ones). Positions that restart at 0 inside a row mark packed sequences (padding-free batches, e.g.
-                `DataCollatorWithFlattening`): each attends only to itself.
+                ones). Without `attention_mask`, positions that restart at 0 inside a row mark packed sequences
+                (padding-free batches, e.g. `DataCollatorWithFlattening`): each attends only to itself.
             cache (`Cache`): keys/values of earlier tokens (dynamic or static); `past_key_values=` is the same
                 argument under its name before transformers 5.24 (from 5.24 on it warns, as native models do).
             inputs_embeds (`[B, S, H]`): instead of `input_ids`; vision placeholders are found by their embeddings.
@@ -504,7 +477,10 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
             )  # fmt: skip
         else:
             position_ids = position_ids[None].expand(3, -1, -1) if position_ids.ndim == 2 else position_ids
-            if first_pass and key_length == length:  # packing fills a batch, never a preallocated cache
+            # Packing is looked for only without a mask and without cached tokens, as in transformers' masking_utils
+            # (`_preprocess_mask_arguments`, 5.25): DataCollatorWithFlattening gives position_ids and no mask, while
+            # decoding loops pass a mask with their positions, so no pass of theirs waits on the host for it.
+            if attention_mask is None and first_pass and key_length == length:
                 sequence_ids = packed_sequence_ids(position_ids)
         mask = self._decoder_mask(
             attention_mask, batch, key_length, query_positions, sequence_ids, inputs_embeds.dtype, device
@@ -581,12 +557,9 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         )
 
     # ------------------------------------------------------------------------- autoregressive `generate`
-    # `generate` itself (diffusion or autoregressive, as the generation config selects) is DimpleGenerationMixin's.
-    # The stock loop decodes left to right once it has Dimple's multimodal RoPE positions: they are computed over the
-    # whole prompt (images included) before the first step, sliced to the uncached tokens at every step and extended
-    # by one per new token. Attention is bidirectional by default, so cached decoding is not the same as re-running
-    # the whole sequence (earlier tokens never see later ones through the cache); with `full_attn_mask=False` they
-    # agree.
+    # `generate` itself is DimpleGenerationMixin's (its docstring: bidirectional attention and the cache). The stock
+    # loop decodes left to right once it has Dimple's M-RoPE positions: computed over the whole prompt (images
+    # included) before the first step, sliced to the uncached tokens at every step, extended by one per new token.
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """`[3, B, S]` M-RoPE positions of the whole prompt (a continued chat included), from ids or embeddings."""
@@ -621,7 +594,7 @@ class DimpleForConditionalGeneration(DimplePreTrainedModel, DimpleGenerationMixi
         """The mask of each decoding step with a compileable (static) cache, which transformers builds before the
         (compiled) forward: Dimple's boolean `[B, 1, q, cache length]` mask, bidirectional or causal as configured,
         instead of the stock causal mask mapping. Flash kernels take the 2-D mask."""
-        if self.config._attn_implementation.startswith("flash_attention"):
+        if self._takes_2d_mask:
             return attention_mask
         cache = kwargs[CACHE_NAME]
         batch, length = inputs_embeds.shape[:2]
@@ -710,70 +683,6 @@ def packed_sequence_ids(position_ids: torch.LongTensor) -> torch.LongTensor | No
     if torch.compiler.is_compiling() or not bool(starts.any()):
         return None
     return starts.long().cumsum(-1)
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
-    """Ids outside [0, vocab_size) would index past the embedding (an IndexError, or a device-side assert on GPU)."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer token ids, got a {ids.dtype} tensor.")
-    if ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"`{name}` holds token id {bad}, outside the model's vocabulary [0, {vocab_size}). The tokenizer and the "
-            "model do not match (compare len(tokenizer) with config.vocab_size), or the ids were built by hand."
-        )
-
-
-def check_visual_inputs(pixel_values, grid_thw, name: str, grid_name: str, vision_config) -> None:
-    """Pixels and grid must describe each other: the processor's output, checked before the vision tower runs."""
-    check_vision_pair(name, pixel_values, grid_name, grid_thw)
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
-        raise TypeError(
-            f"`{name}` must be a float torch.Tensor (the processor's `return_tensors='pt'`), got "
-            f"{type(pixel_values).__name__}{'' if not isinstance(pixel_values, torch.Tensor) else f' {pixel_values.dtype}'}."
-        )
-    check_grid(grid_thw, grid_name, vision_config.spatial_merge_size, still_images=name == "pixel_values")
-    width = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
-    patches = int(grid_thw.prod(-1).sum())
-    if pixel_values.shape != (patches, width):
-        raise ValueError(
-            f"`{name}` has shape {tuple(pixel_values.shape)}, but `{grid_name}` describes {patches} patches of "
-            f"{width} values (channels * temporal_patch_size * patch_size**2): expected ({patches}, {width}). Pass "
-            "the pixels and the grid the processor returned together."
-        )
-    if not bool(torch.isfinite(pixel_values).all()):
-        raise ValueError(f"`{name}` holds NaN or infinite values; check the image loading and normalisation.")
-
-
-def check_grid(grid_thw, grid_name: str, merge: int, still_images: bool) -> None:
-    """A grid must be integer (t, h, w) rows of positive patch counts, h and w whole merge blocks, t = 1 for images."""
-    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dtype.is_floating_point or grid_thw.dtype == torch.bool:
-        raise TypeError(f"`{grid_name}` must be an integer torch.Tensor of (t, h, w) rows, got {grid_thw!r}.")
-    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or (grid_thw < 1).any() or (grid_thw[:, 1:] % merge).any():
-        raise ValueError(
-            f"`{grid_name}` must be [images, 3] rows of positive (t, h, w) patch counts with h and w multiples of "
-            f"{merge}; got {grid_thw.tolist()}. Pass the grid the processor returned with these pixels."
-        )
-    if still_images and (grid_thw[:, 0] != 1).any():
-        raise ValueError(f"`{grid_name}` rows of still images have t = 1; got {grid_thw.tolist()}.")
-
-
-def check_attention_mask_values(attention_mask) -> None:
-    """A 2-D mask marks tokens 1 (real) or 0 (padding); other values would be read as "real" and change the answer.
-
-    4-D masks are used as given (additive float masks hold other values by design).
-    """
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or attention_mask.dtype == torch.bool:
-        return
-    stray = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
-    if stray.numel():
-        raise ValueError(
-            f"`attention_mask` must hold only 1 (real token) and 0 (padding); got {sorted(set(stray.tolist()))[:5]}. "
-            "Pass the mask the processor or tokenizer returned."
-        )
 
 
 # The released checkpoint's config.json names `modeling_dimple.DimpleModel` in its auto_map.

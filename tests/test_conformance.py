@@ -5,6 +5,7 @@ config's output flags, packed (padding-free) sequences and `shift_labels`.
 """
 
 import collections
+import functools
 
 import pytest
 import torch
@@ -271,27 +272,40 @@ def test_compiled_static_cache_decoding_has_no_graph_break_and_gives_the_eager_a
 # ------------------------------------------------------------------------------- checks at the doors
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("entry", ["generate", "diffusion_generate"])
-def test_input_values_are_checked_once_per_call_not_at_every_step(monkeypatch, tiny_model, entry):
-    """The host-syncing checks (ids inside the vocabulary, a 0/1 mask) run at the call's door and first pass only."""
+def test_input_values_are_checked_once_per_call_not_at_every_step(monkeypatch, tiny_model, entry, use_cache):
+    """The host-syncing checks (ids inside the vocabulary, a 0/1 mask) and the search for packed sequences run at the
+    call's door only, also without a cache, where every pass of the loop is a sequence's first pass."""
+    import input_checks_dimple
     import modeling_dimple
 
     calls = []
-    for name in ("check_attention_mask_values", "check_token_ids"):
-        original = getattr(modeling_dimple, name)
-        monkeypatch.setattr(
-            modeling_dimple, name, lambda *args, _original=original, _name=name: calls.append(_name) or _original(*args)
-        )
+    for module in (modeling_dimple, input_checks_dimple):
+        for name in ("check_attention_mask_values", "check_token_ids", "packed_sequence_ids"):
+            if hasattr(module, name):
+                counted = functools.partial(count_call, calls, name, getattr(module, name))
+                monkeypatch.setattr(module, name, counted)
     ids, mask = left_pad([text(3, 9), text(5, 6)], pad_id=0)
     counts = []
     for tokens in (2, 8):
         calls.clear()
         if entry == "generate":
-            greedy(tiny_model, ids, attention_mask=mask, max_new_tokens=tokens, decoding="autoregressive")
+            greedy(tiny_model, ids, attention_mask=mask, max_new_tokens=tokens, decoding="autoregressive",
+                   use_cache=use_cache)  # fmt: skip
         else:
-            tiny_model.diffusion_generate(ids, attention_mask=mask, max_new_tokens=tokens, steps=tokens, use_cache=True)
+            tiny_model.diffusion_generate(
+                ids, attention_mask=mask, max_new_tokens=tokens, steps=tokens, use_cache=use_cache
+            )
         counts.append(collections.Counter(calls))
-    assert counts[0] == counts[1] and counts[0]  # checked, and as often for 8 steps as for 2
+    # Checked, as often for 8 steps as for 2, and no pass looked for packing (the loops pass a mask).
+    assert counts[0] == counts[1] and counts[0]["check_token_ids"] and counts[0]["check_attention_mask_values"]
+    assert "packed_sequence_ids" not in counts[0]
+
+
+def count_call(calls: list, name: str, function, *args):
+    calls.append(name)
+    return function(*args)
 
 
 def test_attention_kind_is_set_once_in_the_config_and_every_layer(tiny_model):

@@ -32,6 +32,7 @@ from processing_dimple import EOS_TOKEN, PAD_TOKEN, DimpleProcessor  # noqa: E40
 REMOTE_CODE_FILES = (
     "configuration_dimple.py",
     "modeling_dimple.py",
+    "input_checks_dimple.py",
     "generation_utils.py",
     "generation_config_dimple.py",
     "denoising_dimple.py",
