@@ -286,7 +286,7 @@ def test_outputs_match_the_recording_from_the_oldest_supported_release():
 
 
 PACKAGE_MODULES = ("configuration_dimple", "generation_config_dimple", "generation_utils", "image_processing_dimple",
-                   "modeling_dimple", "processing_dimple", "streaming_dimple", "training_dimple")  # fmt: skip
+                   "modeling_dimple", "passes_dimple", "processing_dimple", "streaming_dimple", "training_dimple")  # fmt: skip
 
 
 def overrides_of_transformers_methods(module_names=PACKAGE_MODULES) -> set[str]:

@@ -449,6 +449,15 @@ def test_compiled_passes_follow_weights_changed_in_place():
     assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
 
 
+def test_compile_step_takes_a_torch_compile_mode():
+    """A mode name picks torch.compile's mode; on a CPU "max-autotune" also tunes the matrix products (slow to
+    compile: about two minutes here), and the answer stays the eager one."""
+    model = confident_model()
+    ids, settings = torch.tensor([PROMPT]), dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
+    eager = model.diffusion_generate(ids, **settings)
+    assert torch.equal(model.diffusion_generate(ids, compile_step="max-autotune", **settings), eager)
+
+
 def test_compiled_step_draws_like_the_eager_step():
     """Random draws are made outside the step, so with the same seed a compiled random run repeats the eager one."""
     model = confident_model()
@@ -642,6 +651,8 @@ def test_config_defaults_validation_and_round_trip(tmp_path):
         (dict(temperature=float("nan")), "temperature"),
         (dict(alg_temp=float("nan")), "alg_temp"),
         (dict(steps=10**9), "steps"),
+        (dict(compile_step="max_autotune", use_cache=True), "compile_step"),  # torch's name has a hyphen
+        (dict(compile_step=1, use_cache=True), "compile_step"),
     ],
 )
 def test_invalid_settings_raise(tiny_model, settings, match):

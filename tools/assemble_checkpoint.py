@@ -36,6 +36,7 @@ REMOTE_CODE_FILES = (
     "generation_utils.py",
     "generation_config_dimple.py",
     "denoising_dimple.py",
+    "passes_dimple.py",
     "streaming_dimple.py",
     "processing_dimple.py",
     "image_processing_dimple.py",

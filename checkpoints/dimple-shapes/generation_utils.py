@@ -1,29 +1,23 @@
-"""Diffusion generation for Dimple: how a call runs. The canvas (prompt + N `<|mask|>` slots), the prompt cache, the
-forward passes, what stops a row and what is kept of each step, the decode loop of `diffusion_generate`, and the mixin
-that gives the model `generate` (diffusion or autoregressive, as the generation config selects).
+"""Diffusion generation for Dimple: how a call runs. The canvas (prompt + N `<|mask|>` slots), what stops a row and
+what is kept of each step, the decode loop of `diffusion_generate`, and the mixin that gives the model `generate`
+(diffusion or autoregressive, as the generation config selects).
 
 The settings a call reads (`DimpleGenerationConfig`, `DIFFUSION_DEFAULTS` and the one resolver,
 `resolve_generation_settings`) are `generation_config_dimple.py`; how a slot is chosen (sampling, schedules,
 rankings, the `Algorithm` records, one `denoising_step`) is `denoising_dimple.py`; the streamer that shows
-whole-batch canvases (`DiffusionTextStreamer`) is `streaming_dimple.py`. Their public names are re-exported here.
-[`whole_denoising_pass`] (step 0, refreshes) and, with the prefill cache, [`cached_denoising_pass`] are forward +
-step, each compiled as one graph by `compile_step=True`. The model side of the autoregressive `generate`
+whole-batch canvases (`DiffusionTextStreamer`) is `streaming_dimple.py`; the forward passes a step runs (the whole
+pass, the cached pass against the prompt cache) and how `compile_step` compiles them are `passes_dimple.py`. Their
+public names are re-exported here. The model side of the autoregressive `generate`
 (M-RoPE positions, per-prompt images, masks for a static cache) lives in `modeling_dimple.py`.
 
 The mixin asks the model for: `get_rope_index`, `embed_prompt` (token embeddings with the vision features in place),
 `check_prompt_inputs`, `check_token_ids`, `check_vision_pairs`, its input/output embeddings, and `forward`.
 """
 
-import functools
-import itertools
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch._inductor.config as inductor_config
 from transformers import DynamicCache, GenerationConfig, GenerationMixin, StoppingCriteriaList
-from transformers.utils import logging
 
 try:
     from .denoising_dimple import (
@@ -37,6 +31,9 @@ try:
         DimpleGenerationConfig, read_standard_settings, resolve_generation_settings,
     )  # fmt: skip
     from .input_checks_dimple import inputs_checked_at_the_door
+    from .passes_dimple import (
+        EAGER_PASSES, DenoisingPasses, PrefixCache, cached_denoising_pass, compiled_passes, whole_denoising_pass,
+    )  # fmt: skip
     from .streaming_dimple import DiffusionTextStreamer
     from .transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
 except ImportError:  # no parent package: imported from the repository root rather than as remote code
@@ -53,10 +50,11 @@ except ImportError:  # no parent package: imported from the repository root rath
         DimpleGenerationConfig, read_standard_settings, resolve_generation_settings,
     )  # fmt: skip
     from input_checks_dimple import inputs_checked_at_the_door
+    from passes_dimple import (
+        EAGER_PASSES, DenoisingPasses, PrefixCache, cached_denoising_pass, compiled_passes, whole_denoising_pass,
+    )  # fmt: skip
     from streaming_dimple import DiffusionTextStreamer
     from transformers_compat import BaseStreamer, ModelOutput, cache_kwarg
-
-logger = logging.get_logger(__name__)
 
 # Answer slots when neither `max_new_tokens` nor `max_length` is set (upstream: an untouched `max_length=20` meant 20
 # new slots, not 20 in total).
@@ -211,144 +209,6 @@ def check_hook_output(name: str, value, expected: torch.Tensor):
     if value.dtype.is_floating_point and bool(torch.isnan(value).any()):
         raise ValueError(f"`{name}` returned NaN logits; mask tokens out with -inf instead.")
     return value.to(expected.device)
-
-
-class PrefixCache(DynamicCache):
-    """The cached prompt prefix, read-only: each cached step attends to [prefix | its own fresh keys/values].
-
-    Nothing is appended (so nothing needs cropping after a step), and every cached step sees tensors of the same
-    shapes, which is what a compiled step (and on CUDA its captured graph) needs.
-    """
-
-    @classmethod
-    def from_cache(cls, cache: DynamicCache, length: int) -> "PrefixCache":
-        return cls(ddp_cache_data=[(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v, *_ in cache])
-
-    def refill(self, cache: DynamicCache):
-        """New prefix keys/values (a cache refresh), written in place."""
-        for layer, (keys, values, *_) in zip(self.layers, cache):
-            layer.keys.copy_(keys[:, :, : layer.keys.shape[-2]])
-            layer.values.copy_(values[:, :, : layer.values.shape[-2]])
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
-def whole_denoising_pass(model, batch, cache: DynamicCache | None, answer, inputs: StepInputs):
-    """A whole step (step 0, a cache refresh, every step without the cache): the prompt from its embeddings and the
-    N answer slots, the prompt's keys/values kept in `cache` when one is given, then [`denoising_step`]. Returns
-    (new answer, slots committed per row, answer logits)."""
-    logits = model.score_answer_slots(batch, answer, 0, cache)
-    answer, committed = denoising_step(answer, logits, inputs)
-    return answer, committed, logits
-
-
-def cached_denoising_pass(model, batch, prefix: PrefixCache, answer, inputs: StepInputs):
-    """A whole cached step: the last prompt token and the N answer slots against the cached prompt prefix (spec
-    5.8), then [`denoising_step`]. Returns (new answer, slots committed per row, answer logits).
-
-    All cached steps of a call have the same shapes (N + 1 queries, P - 1 cached keys), so this function compiles
-    once per call shape (`compile_step=True`).
-    """
-    logits = model.score_answer_slots(batch, answer, batch.prompt_length - 1, prefix)
-    answer, committed = denoising_step(answer, logits, inputs)
-    return answer, committed, logits
-
-
-@dataclass(frozen=True)
-class DenoisingPasses:
-    """The two kinds of pass a call runs: `whole` (`whole_denoising_pass`) and `cached` (`cached_denoising_pass`)."""
-
-    whole: Callable
-    cached: Callable
-    compiled: bool = False
-    frozen_weights: bool = False
-
-    def for_one_call(self, model) -> "DenoisingPasses":
-        """Compiled passes whose guards are evaluated at their first call in this `diffusion_generate` call only."""
-        if not self.compiled:
-            return self
-        if self.frozen_weights:
-            FROZEN_WEIGHTS.check(model)
-        return DenoisingPasses(
-            GuardsCheckedOnce(self.whole, self.frozen_weights), GuardsCheckedOnce(self.cached, self.frozen_weights),
-            compiled=True,
-        )
-
-
-EAGER_PASSES = DenoisingPasses(whole_denoising_pass, cached_denoising_pass)
-
-
-@functools.cache
-def compiled_passes(device_type: str, mode: str | None = None) -> DenoisingPasses:
-    """`compile_step`: both passes under `torch.compile(fullgraph=True)`, one graph each per call shape. On CUDA with
-    `mode` (default "reduce-overhead": CUDA graphs, captured and replayed by torch). Elsewhere with `mode`'s inductor
-    options plus freezing, which takes the weights as constants and prepacks each linear layer's weight for the CPU's
-    GEMM library (most of a small step is these matrix products; "max-autotune" also tries inductor's own GEMM
-    kernels), and the C++ wrapper (per-call Python overhead is much of the rest). The same option and code path
-    everywhere; only the backend's settings differ."""
-    if device_type == "cuda":
-        settings, frozen = {"mode": mode or "reduce-overhead"}, False
-    else:  # torch.compile takes a mode or options, not both: the mode as its options
-        options = {**(torch._inductor.list_mode_options(mode) if mode else {}), "cpp_wrapper": True}
-        settings, frozen = {"options": options}, True
-    return DenoisingPasses(
-        torch.compile(whole_denoising_pass, fullgraph=True, **settings),
-        torch.compile(cached_denoising_pass, fullgraph=True, **settings),
-        compiled=True,
-        frozen_weights=frozen,
-    )
-
-
-class FrozenWeights:
-    """Keeps frozen compiled passes true to the weights. A graph compiled with inductor's freezing holds the weights'
-    values; a model with other parameter objects fails the graph's guards and compiles its own, but weights changed in
-    place (`load_state_dict`, an optimizer step, `param.copy_`) would silently keep the old values. Each tensor's
-    version counter counts its in-place changes: when a model's counters moved since its last compiled call, compiled
-    code is dropped (`torch.compiler.reset`) and compiles again. Writes through `.data` bypass the counters; after
-    those, call `torch.compiler.reset()` yourself."""
-
-    def __init__(self):
-        self.seen = weakref.WeakKeyDictionary()  # model -> its weights' version counters at its last compiled call
-
-    @staticmethod
-    def versions(model) -> tuple[int, ...]:
-        return tuple(tensor._version for tensor in itertools.chain(model.parameters(), model.buffers()))
-
-    def check(self, model):
-        versions, seen = self.versions(model), self.seen.get(model)
-        if seen is not None and seen != versions:
-            logger.warning(
-                "compile_step=True: the weights changed in place since the last compiled call; compiling again (the "
-                "compiled passes hold the weights as constants)."
-            )
-            torch.compiler.reset()
-        self.seen[model] = versions
-
-
-FROZEN_WEIGHTS = FrozenWeights()
-
-
-class GuardsCheckedOnce:
-    """A compiled pass that checks its guards (the conditions under which the compiled graph is valid) at its first
-    call only. Within one `diffusion_generate` call every pass of a kind gets the same objects, settings and shapes
-    (only tensor values change, in place), so the checks that follow could only repeat the first one's answer; on a
-    small model they cost about as much as the graph itself. The next call starts with a new wrapper.
-
-    Only the first call can compile, so only it needs inductor's `freezing` switch, which torch reads while it
-    traces (not from `torch.compile`'s options)."""
-
-    def __init__(self, compiled: Callable, frozen_weights: bool = False):
-        self.compiled, self.checked, self.frozen_weights = compiled, False, frozen_weights
-
-    def __call__(self, *args):
-        if not self.checked:
-            self.checked = True
-            with inductor_config.patch(freezing=self.frozen_weights):
-                return self.compiled(*args)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.compiled(*args)
 
 
 class CommitScores:

@@ -95,7 +95,7 @@ OVERRIDDEN_HOOKS = {
         "PreTrainedModel.__init__ (generation_config_class): the model's generation config from config.json",
     "generation_config_dimple.DimpleGenerationConfig.validate": "GenerationConfig.__init__ / update / save_pretrained",
     "generation_config_dimple.DimpleGenerationConfig.to_diff_dict": "GenerationConfig.save_pretrained (to_json_string)",
-    "generation_utils.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
+    "passes_dimple.PrefixCache.update": "the decoder's attention layers (the Cache protocol)",
     "image_processing_dimple.DimpleImageProcessor._preprocess": "Qwen2VLImageProcessorPil.preprocess",
     "image_processing_dimple.DimpleImageProcessor.process_image": "the PIL backend's preprocess, per image",
     "image_processing_dimple.DimpleImageProcessor.fetch_images":
