@@ -116,12 +116,11 @@ class DimpleGenerationConfig(GenerationConfig):
         compile_step (`bool` or `str`, defaults to `False`): with `use_cache`, run each pass (the first,
             whole-sequence pass and each cached step: the forward, then the slot selection) as one
             `torch.compile(fullgraph=True)` graph; on CUDA with `mode="reduce-overhead"`, which captures it as a CUDA
-            graph and replays it; on a CPU with inductor's freezing (the weights become constants, each linear
-            weight prepacked for the GEMM library: a second copy of those weights in memory). A torch.compile mode
-            name instead of `True` picks the mode (on a CPU, "max-autotune" also tunes the matrix products; it
-            compiles for minutes). Same tokens as the eager passes; removes the Python and launch overhead that
-            dominates small steps. The first call of a new shape compiles (tens of seconds); weights changed in place
-            since the last compiled call compile again. A `generation_logits_hook_func` runs the eager passes.
+            graph and replays it. A torch.compile mode name instead of `True` picks the mode (on a CPU,
+            "max-autotune" also freezes the weights and tunes the matrix products: minutes of compiling, a packed
+            copy of the linear weights per graph; see docs/decoding.md). Same tokens as the eager passes; removes
+            the Python and launch overhead that dominates small steps. The first call of a new shape compiles (tens
+            of seconds). A `generation_logits_hook_func` runs the eager passes.
         num_return_sequences (`int`, defaults to 1): answers per prompt. Needs a random decoder: temperature > 0, a
             random `alg` (`origin`, `origin-ratio`) or `alg_temp` > 0 with a confidence algorithm.
         output_history (`bool`, defaults to `False`): with `return_dict_in_generate`, keep the sequences after each

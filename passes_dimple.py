@@ -86,10 +86,9 @@ class DenoisingPasses:
             return self
         if self.frozen_weights:
             FROZEN_WEIGHTS.check(model)
-        return DenoisingPasses(
-            GuardsCheckedOnce(self.whole, self.frozen_weights), GuardsCheckedOnce(self.cached, self.frozen_weights),
-            compiled=True,
-        )
+        whole = GuardsCheckedOnce(self.whole, whole_denoising_pass, self.frozen_weights)
+        cached = GuardsCheckedOnce(self.cached, cached_denoising_pass, self.frozen_weights)
+        return DenoisingPasses(whole, cached, compiled=True)
 
 
 EAGER_PASSES = DenoisingPasses(whole_denoising_pass, cached_denoising_pass)
@@ -97,17 +96,17 @@ EAGER_PASSES = DenoisingPasses(whole_denoising_pass, cached_denoising_pass)
 
 @functools.cache
 def compiled_passes(device_type: str, mode: str | None = None) -> DenoisingPasses:
-    """`compile_step`: both passes under `torch.compile(fullgraph=True)`, one graph each per call shape. On CUDA with
-    `mode` (default "reduce-overhead": CUDA graphs, captured and replayed by torch). Elsewhere with `mode`'s inductor
-    options plus freezing, which takes the weights as constants and prepacks each linear layer's weight for the CPU's
-    GEMM library (most of a small step is these matrix products; "max-autotune" also tries inductor's own GEMM
-    kernels), and the C++ wrapper (per-call Python overhead is much of the rest). The same option and code path
-    everywhere; only the backend's settings differ."""
+    """`compile_step`: both passes under `torch.compile(fullgraph=True)`, one graph each per combination of settings
+    and shapes. On CUDA with `mode` (default "reduce-overhead": CUDA graphs, captured and replayed by torch).
+    Elsewhere with `mode`'s inductor options and the C++ wrapper (per-call Python overhead is much of a small step);
+    "max-autotune" there also freezes the weights (they become constants, which inductor's own GEMM kernels need to
+    prepack them) and times those kernels against the library's. The same option and code path everywhere; only the
+    backend's settings differ."""
     if device_type == "cuda":
         settings, frozen = {"mode": mode or "reduce-overhead"}, False
     else:  # torch.compile takes a mode or options, not both: the mode as its options
-        options = {**(torch._inductor.list_mode_options(mode) if mode else {}), "cpp_wrapper": True}
-        settings, frozen = {"options": options}, True
+        options = torch._inductor.list_mode_options(mode) if mode else {}
+        settings, frozen = {"options": {**options, "cpp_wrapper": True}}, bool(options.get("max_autotune"))
     return DenoisingPasses(
         torch.compile(whole_denoising_pass, fullgraph=True, **settings),
         torch.compile(cached_denoising_pass, fullgraph=True, **settings),
@@ -135,7 +134,7 @@ class FrozenWeights:
         versions, seen = self.versions(model), self.seen.get(model)
         if seen is not None and seen != versions:
             logger.warning(
-                "compile_step=True: the weights changed in place since the last compiled call; compiling again (the "
+                "compile_step: the weights changed in place since the last compiled call; compiling again (frozen "
                 "compiled passes hold the weights as constants)."
             )
             torch.compiler.reset()
@@ -151,16 +150,31 @@ class GuardsCheckedOnce:
     (only tensor values change, in place), so the checks that follow could only repeat the first one's answer; on a
     small model they cost about as much as the graph itself. The next call starts with a new wrapper.
 
-    Only the first call can compile, so only it needs inductor's `freezing` switch, which torch reads while it
-    traces (not from `torch.compile`'s options)."""
+    Only the first call can compile, so only it sets inductor's `freezing` switch (torch reads it while it traces, not
+    from `torch.compile`'s options), and only it can meet torch's recompile limit: `fullgraph=True` then raises
+    instead of running eagerly, so this call's passes run the eager function, with a warning."""
 
-    def __init__(self, compiled: Callable, frozen_weights: bool = False):
-        self.compiled, self.checked, self.frozen_weights = compiled, False, frozen_weights
+    def __init__(self, compiled: Callable, eager: Callable, frozen_weights: bool):
+        self.compiled, self.eager, self.frozen_weights, self.checked = compiled, eager, frozen_weights, False
 
     def __call__(self, *args):
         if not self.checked:
             self.checked = True
-            with inductor_config.patch(freezing=self.frozen_weights):
-                return self.compiled(*args)
+            try:
+                with inductor_config.patch(freezing=self.frozen_weights):
+                    return self.compiled(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                logger.warning_once(RECOMPILE_LIMIT_MESSAGE.format(torch._dynamo.config.recompile_limit))
+                self.compiled = self.eager
+        if self.compiled is self.eager:
+            return self.eager(*args)
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return self.compiled(*args)
+
+
+RECOMPILE_LIMIT_MESSAGE = (
+    "compile_step: torch.compile's recompile limit ({}, torch._dynamo.config.recompile_limit) is reached for a Dimple "
+    "denoising pass, so this call runs it eagerly. Each combination of decoding settings (steps, alg_p_threshold, "
+    "temperature, ...), batch shape and model compiles a graph of its own: keep the settings of compiled calls fixed, "
+    "raise the limit, or call torch.compiler.reset()."
+)

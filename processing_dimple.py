@@ -176,6 +176,9 @@ class DimpleProcessor(ProcessorMixin):
         self.video_token_id = _token_id(tokenizer, VIDEO_TOKEN)
         self.mask_token = tokenizer.mask_token or MASK_TOKEN
         self.mask_token_id = _token_id(tokenizer, self.mask_token)
+        self.pad_token_id = _token_id(tokenizer, PAD_TOKEN)
+        self.vision_start_token_id = _token_id(tokenizer, VISION_START_TOKEN)  # Qwen3-VL's processor's names
+        self.vision_end_token_id = _token_id(tokenizer, VISION_END_TOKEN)
         self._answer_end_tokens = (PAD_TOKEN, EOS_TOKEN)
         self._answer_end_ids = {_token_id(tokenizer, token) for token in self._answer_end_tokens}
         self._slot_pattern = re.compile(re.escape(self.mask_token) + r"(?:\*([+-]?\d*(?:\.\d+)?))?")

@@ -270,18 +270,12 @@ class DimpleDataCollator:
             raise ValueError("max_length must be at least 2 and fixed_answer_length at least 1.")
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
-        self.pad_token_id = self._token_id("<|endoftext|>")
+        self.pad_token_id = self.processor.pad_token_id
         self.mask_token_id = self.processor.mask_token_id
         self.image_token_id = self.processor.image_token_id
-        self.vision_start_token_id = self._token_id("<|vision_start|>")
-        self.vision_end_token_id = self._token_id("<|vision_end|>")
+        self.vision_start_token_id = self.processor.vision_start_token_id
+        self.vision_end_token_id = self.processor.vision_end_token_id
         self.epoch = 0
-
-    def _token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
-            raise ValueError(f"The tokenizer has no {token} token, which Dimple's training format needs.")
-        return token_id
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the masks of `epoch` (as a sampler's `set_epoch`); `DimpleTrainer` calls it at every epoch start."""

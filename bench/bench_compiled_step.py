@@ -83,6 +83,9 @@ def main(argv=None):
     )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Every (mode, batch size, settings, steps) here compiles a graph of its own: more than torch's default limit of 8,
+    # past which a call would run eagerly and be timed as compiled.
+    torch._dynamo.config.recompile_limit = 64
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32).to(args.device).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} thread(s)"

@@ -436,26 +436,33 @@ def test_compiled_passes_check_their_guards_at_each_calls_first_pass():
         assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
 
 
-def test_compiled_passes_follow_weights_changed_in_place():
-    """On a CPU the compiled passes hold the weights as constants (inductor's freezing): after an in-place change
-    (an optimizer step, `load_state_dict`) they compile again instead of answering with the old weights."""
+def test_compile_step_max_autotune_gives_the_eager_tokens_and_follows_weights_changed_in_place():
+    """A mode name picks torch.compile's mode. On a CPU "max-autotune" freezes the weights (they become constants of
+    the graph, which inductor's own GEMM kernels need) and tunes the matrix products (slow to compile: minutes here);
+    after an in-place change (an optimizer step, `load_state_dict`) it compiles again instead of answering with the
+    old weights."""
     model = confident_model()
-    ids = torch.tensor([PROMPT])
-    settings = dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
-    model.diffusion_generate(ids, compile_step=True, **settings)
+    ids, settings = torch.tensor([PROMPT]), dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
+    assert torch.equal(
+        model.diffusion_generate(ids, compile_step="max-autotune", **settings), model.diffusion_generate(ids, **settings)
+    )
     with torch.no_grad():
         model.lm_head.weight.copy_(model.lm_head.weight.flip(0))  # another answer from the same objects
     eager = model.diffusion_generate(ids, **settings)
-    assert torch.equal(model.diffusion_generate(ids, compile_step=True, **settings), eager)
+    assert torch.equal(model.diffusion_generate(ids, compile_step="max-autotune", **settings), eager)
 
 
-def test_compile_step_takes_a_torch_compile_mode():
-    """A mode name picks torch.compile's mode; on a CPU "max-autotune" also tunes the matrix products (slow to
-    compile: about two minutes here), and the answer stays the eager one."""
+def test_compiled_passes_run_eagerly_past_the_recompile_limit(caplog):
+    """Each combination of settings compiles its own graph; past torch's recompile limit `fullgraph=True` would raise,
+    so the call runs its passes eagerly (same tokens) and says why."""
     model = confident_model()
     ids, settings = torch.tensor([PROMPT]), dict(max_new_tokens=6, steps=6, alg="maskgit_plus", use_cache=True)
-    eager = model.diffusion_generate(ids, **settings)
-    assert torch.equal(model.diffusion_generate(ids, compile_step="max-autotune", **settings), eager)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING"):
+        model.diffusion_generate(ids, compile_step=True, **settings)  # the one graph the limit allows
+        compiled = model.diffusion_generate(ids, compile_step=True, alg_p_threshold=0.5, **settings)
+    assert torch.equal(compiled, model.diffusion_generate(ids, alg_p_threshold=0.5, **settings))
+    assert "recompile limit" in caplog.text
 
 
 def test_compiled_step_draws_like_the_eager_step():

@@ -413,6 +413,8 @@ def test_toy_vocabulary_special_ids_are_read_by_string(tmp_path):
     assert len(toy) == 256 + len(SPEC_ADDED_TOKENS)
     processor = DimpleProcessor(DimpleImageProcessor(), toy)
     assert processor.image_token_id == 256 + 12 and processor.mask_token_id == 256 + 23
+    # pad <|endoftext|>, <|vision_start|> and <|vision_end|>: what the training collator reads from the processor
+    assert (processor.pad_token_id, processor.vision_start_token_id, processor.vision_end_token_id) == (256, 265, 266)
     image = random_image(56, 84)
     out = processor(text=[IMAGE_BLOCK + "hi"], images=[image])
     _, (t, h, w) = reference_pixels(image)
