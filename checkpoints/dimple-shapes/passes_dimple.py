@@ -2,9 +2,11 @@
 to, the whole pass (step 0, refreshes, every step without the cache) and the cached pass, each the forward and
 [`denoising_step`] in one function, and `compile_step`'s compiled versions of both.
 
-torch's own machinery throughout: `torch.compile(fullgraph=True)` (CUDA graphs on a GPU; inductor's freezing and C++
-wrapper on a CPU), `torch.compiler.set_stance` to skip guards a call already checked, `torch.compiler.reset` when
-frozen weights went stale. The model side is one public method, `score_answer_slots`.
+torch's own machinery throughout: `torch.compile(fullgraph=True)` (CUDA graphs on a GPU; inductor's C++ wrapper on a
+CPU, with freezing for "max-autotune"), `torch.compiler.set_stance` to skip guards a call already checked,
+`torch.compiler.reset` when frozen weights went stale. The model side is one public method, `score_answer_slots`.
+torch internals used: `torch._inductor.config.patch(freezing=...)`, `torch._inductor.list_mode_options`,
+`torch._dynamo.exc.FailOnRecompileLimitHit` and `torch._dynamo.config.recompile_limit`.
 """
 
 import functools
